@@ -1,0 +1,332 @@
+"""The adapter API shared by every model.
+
+An adapter is a pretrained network plus everything needed to feed it raw provider values:
+
+    adapter = adapters.create_adapter("fomo", checkpoint="fomo_single_embedding_layer_weights.pt")
+    x = adapter.preprocess(raw)          # raw provider units, (B, C, H, W) or (B, T, C, H, W)
+    out = adapter.embed(x)               # out.pooled (B, D), out.grid (B, D, h, w)
+
+Adapters know nothing of Dagster, storage or imagery providers. Each model module defines a
+``ModelSpec`` (the pretrained config, as data), a config dataclass for its knobs (read from the
+``RS_EMBED_<MODEL>_*`` environment variables where rs-embed has them), the network, a
+``checkpoint_filter_fn`` (the one place that maps published keys to model keys) and an
+``Adapter`` subclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class AdapterError(ValueError):
+    """Bad input or configuration for an adapter; the message names the problem and the fix."""
+
+
+class CheckpointError(AdapterError):
+    """A checkpoint that cannot be found, downloaded or loaded strictly."""
+
+
+@dataclass(frozen=True)
+class CheckpointSource:
+    """Where the published weights live and how to recognise a complete file."""
+
+    filename: str
+    url: str | None = None  # plain HTTP(S) download
+    hf_repo: str | None = None  # Hugging Face hub repo id (file = ``filename``)
+    min_bytes: int = 0  # a download smaller than this is treated as truncated
+    file_format: str = "state_dict"  # "state_dict" | "mmengine" (weights under "state_dict")
+    env_prefix: str = ""  # e.g. "RS_EMBED_FOMO" -> RS_EMBED_FOMO_CKPT, ..._CACHE_DIR, ...
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a model consumes and produces: the pretrained config, as data (timm style)."""
+
+    model_id: str
+    checkpoint_id: str  # checkpoint asset this model loads (terrafm_b and terrafm_b_s1 share one)
+    description: str
+    sensor: str  # "s2" | "s1": which composite feeds the model
+    bands: tuple[str, ...]  # provider band names, in the order the network consumes them
+    chip_size: int  # pixels cut from the 10 m tile per chip
+    image_size: int  # network input size
+    embed_dim: int
+    grid_size: int  # output grid cells per chip side
+    checkpoint: CheckpointSource
+    frames: int = 1  # temporal frames per sample (AgriFM)
+    source_resolution_m: float = 10.0
+    licence: str = ""
+    paper: str = ""
+    default_batch_size: Mapping[str, int] = field(default_factory=lambda: {"cpu": 8, "cuda": 64})
+
+    @property
+    def input_channels(self) -> int:
+        return len(self.bands)
+
+    @property
+    def grid_resolution_m(self) -> float:
+        """Ground size of one output grid cell, in metres."""
+        return self.chip_size * self.source_resolution_m / self.grid_size
+
+
+@dataclass
+class Embeddings:
+    """Output of one forward pass: pooled vectors (B, D) and spatial grids (B, D, h, w)."""
+
+    pooled: torch.Tensor
+    grid: torch.Tensor
+
+    def numpy(self) -> tuple[np.ndarray, np.ndarray]:
+        return (
+            self.pooled.detach().float().cpu().numpy(),
+            self.grid.detach().float().cpu().numpy(),
+        )
+
+
+def env_str(name: str, default: str) -> str:
+    value = os.environ.get(name)
+    return default if value is None or value.strip() == "" else value.strip()
+
+
+def env_int(name: str, default: int) -> int:
+    raw = env_str(name, str(default))
+    try:
+        return int(raw)
+    except ValueError:
+        raise AdapterError(f"{name}={raw!r} is not an integer; set it to a whole number or unset it") from None
+
+
+def env_float(name: str, default: float) -> float:
+    raw = env_str(name, str(default))
+    try:
+        return float(raw)
+    except ValueError:
+        raise AdapterError(f"{name}={raw!r} is not a number; set it to a number or unset it") from None
+
+
+def env_bool(name: str, default: bool) -> bool:
+    raw = env_str(name, "1" if default else "0").lower()
+    if raw in {"1", "true", "yes", "on"}:
+        return True
+    if raw in {"0", "false", "no", "off"}:
+        return False
+    raise AdapterError(f"{name}={raw!r} is not a boolean; use 1/0, true/false or yes/no")
+
+
+def env_int_tuple(name: str, default: tuple[int, ...], length: int | None = None) -> tuple[int, ...]:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        values = tuple(int(v) for v in raw.replace(" ", "").split(",") if v != "")
+    except ValueError:
+        raise AdapterError(f"{name}={raw!r} must be comma-separated integers") from None
+    if length is not None and len(values) != length:
+        raise AdapterError(f"{name} must list exactly {length} integers, got {len(values)}: {raw!r}")
+    return values
+
+
+def stable_hash(obj: Any) -> str:
+    """sha256 of a JSON-serialisable object with sorted keys (for preprocessing specs)."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise AdapterError(f"device {str(device)!r} requested but CUDA is not available; use device='cpu' or 'auto'")
+    return dev
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise AdapterError(f"unknown dtype {dtype!r}; use one of {sorted(set(_DTYPES))}") from None
+
+
+def load_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str) -> None:
+    """``load_state_dict(strict=True)`` with an error that lists what differs and how to fix it."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    mismatched = sorted(
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state_dict)
+        if tuple(state_dict[k].shape) != tuple(own[k].shape)
+    )
+    if missing or unexpected or mismatched:
+        def head(items: list[str]) -> str:
+            return ", ".join(items[:8]) + (f" … (+{len(items) - 8} more)" if len(items) > 8 else "")
+
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys [{head(missing)}]")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys [{head(unexpected)}]")
+        if mismatched:
+            parts.append(f"{len(mismatched)} shape mismatches [{head(mismatched)}]")
+        raise CheckpointError(
+            f"checkpoint {source} does not match the {type(model).__name__} architecture: "
+            + "; ".join(parts)
+            + ". Check that the file is the published checkpoint for this model and that the model "
+            "config knobs (RS_EMBED_*_DIM/DEPTH/IMG/…) match it."
+        )
+    model.load_state_dict(state_dict, strict=True)
+
+
+def read_checkpoint_file(path: str | Path) -> dict[str, Any]:
+    """Read a torch checkpoint, turning truncated / non-checkpoint files into a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} does not exist; point the *_CKPT variable at the file "
+                              "or let the checkpoint asset download it")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt zips / pickles
+        raise CheckpointError(
+            f"checkpoint file {path} ({path.stat().st_size} bytes) cannot be read ({type(exc).__name__}: {exc}); "
+            "it is probably truncated or not a PyTorch checkpoint — delete it and download it again"
+        ) from exc
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint file {path} holds a {type(obj).__name__}, expected a state dict")
+    return obj
+
+
+class Adapter:
+    """Base class: a loaded network plus its preprocessing and output extraction.
+
+    Subclasses set ``spec`` and ``config_cls`` and implement ``build_model``,
+    ``checkpoint_filter_fn``, ``preprocess`` and ``forward_embeddings``.
+    """
+
+    spec: ClassVar[ModelSpec]
+    config_cls: ClassVar[type]
+
+    def __init__(self, model: nn.Module, config: Any, *, device: str | torch.device = "cpu",
+                 dtype: str | torch.dtype = "float32", checkpoint_path: str | None = None):
+        self.config = config
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype)
+        self.model = model.to(self.device, dtype=self.dtype).eval()
+        self.checkpoint_path = checkpoint_path
+
+    # --- construction -------------------------------------------------------------------
+    @classmethod
+    def default_config(cls) -> Any:
+        """Config from the RS_EMBED_<MODEL>_* environment variables (or defaults)."""
+        return cls.config_cls.from_env()
+
+    @classmethod
+    def build_model(cls, config: Any) -> nn.Module:
+        raise NotImplementedError
+
+    @classmethod
+    def checkpoint_filter_fn(cls, checkpoint: Mapping[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
+        """Turn the published file's contents into the model's state dict (explicit, testable rules)."""
+        raise NotImplementedError
+
+    @classmethod
+    def published_state_dict(cls, model: nn.Module) -> dict[str, Any]:
+        """The inverse of ``checkpoint_filter_fn``: the model's weights laid out as in the published file.
+
+        Used to write demo/test checkpoints in the exact published format.
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def write_random_checkpoint(cls, path: str | Path, *, config: Any = None, seed: int = 0) -> Path:
+        """Write deterministic non-trivial weights in the published file format (demos and tests only)."""
+        from .checkpoints import randomize_parameters, save_atomic
+
+        config = config if config is not None else cls.default_config()
+        torch.manual_seed(seed)
+        model = randomize_parameters(cls.build_model(config), seed=seed)
+        return save_atomic(cls.published_state_dict(model), path)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, *, config: Any = None, device: str = "cpu",
+                        dtype: str = "float32") -> "Adapter":
+        config = config if config is not None else cls.default_config()
+        model = cls.build_model(config)
+        raw = read_checkpoint_file(path)
+        state_dict = cls.checkpoint_filter_fn(raw, model)
+        load_strict(model, state_dict, source=str(path))
+        return cls(model, config, device=device, dtype=dtype, checkpoint_path=str(path))
+
+    # --- inference ----------------------------------------------------------------------
+    def preprocess(self, raw: np.ndarray, **kwargs: Any) -> torch.Tensor:
+        """Raw provider units -> network input tensor on the adapter's device/dtype."""
+        raise NotImplementedError
+
+    def forward_embeddings(self, x: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward pass -> (pooled_mean (B, D), grid (B, D, h, w)); subclasses override."""
+        raise NotImplementedError
+
+    def embed(self, x: torch.Tensor, *, pooling: str = "mean", **kwargs: Any) -> Embeddings:
+        if pooling not in {"mean", "max"}:
+            raise AdapterError(f"pooling={pooling!r} is not supported; use 'mean' or 'max'")
+        with torch.inference_mode():
+            pooled, grid = self.forward_embeddings(x, pooling=pooling, **kwargs)
+        return Embeddings(pooled=pooled.float(), grid=grid.float())
+
+    def embed_raw(self, raw: np.ndarray, *, pooling: str = "mean", **kwargs: Any) -> Embeddings:
+        return self.embed(self.preprocess(raw, **kwargs), pooling=pooling, **kwargs)
+
+    def batch_size(self) -> int:
+        return int(self.spec.default_batch_size.get(self.device.type, 8))
+
+    # --- provenance ---------------------------------------------------------------------
+    def preprocessing_spec(self) -> dict[str, Any]:
+        """Everything that changes what the network sees; hashed into the lineage."""
+        cfg = dataclasses.asdict(self.config) if dataclasses.is_dataclass(self.config) else dict(self.config)
+        return {"model": self.spec.model_id, "sensor": self.spec.sensor, "bands": list(self.spec.bands),
+                "chip_size": self.spec.chip_size, "frames": self.spec.frames, "config": cfg}
+
+    def preprocessing_hash(self) -> str:
+        return stable_hash(self.preprocessing_spec())[:16]
+
+
+def check_raw_input(raw: np.ndarray, spec: ModelSpec, *, ndim: int, channels: int | None = None,
+                    bands: tuple[str, ...] | list[str] | None = None,
+                    expected_bands: tuple[str, ...] | None = None) -> np.ndarray:
+    """Validate a raw batch against a spec; the error names the expected layout and band order.
+
+    ``bands`` (optional) names the channels of ``raw``; when given it must equal the model's band
+    order, so a stack in the wrong order fails instead of producing silently wrong embeddings.
+    """
+    arr = np.asarray(raw)
+    expected_bands = tuple(spec.bands if expected_bands is None else expected_bands)
+    channels = len(expected_bands) if channels is None else channels
+    if bands is not None and tuple(bands) != expected_bands:
+        raise AdapterError(f"{spec.model_id} needs bands in the order {', '.join(expected_bands)}, "
+                           f"got {', '.join(bands)}; reorder the channels (e.g. composite.sel(band=[...]))")
+    layout = "(B, C, H, W)" if ndim == 4 else "(B, T, C, H, W)"
+    if arr.ndim != ndim:
+        raise AdapterError(f"{spec.model_id} expects raw input shaped {layout}, got shape {arr.shape}; "
+                           f"add the batch axis with arr[None] for a single chip")
+    c_axis = 1 if ndim == 4 else 2
+    if arr.shape[c_axis] != channels:
+        raise AdapterError(f"{spec.model_id} expects {channels} channels in the order {', '.join(expected_bands)}, "
+                           f"got {arr.shape[c_axis]} (shape {arr.shape}); select the bands in that order")
+    return arr
