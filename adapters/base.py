@@ -275,8 +275,13 @@ class Adapter:
         return cls(model, config, device=device, dtype=dtype, checkpoint_path=str(path))
 
     # --- inference ----------------------------------------------------------------------
-    def preprocess(self, raw: np.ndarray, **kwargs: Any) -> torch.Tensor:
-        """Raw provider units -> network input tensor on the adapter's device/dtype."""
+    def preprocess(self, raw: np.ndarray, *, bands: tuple[str, ...] | None = None,
+                   tile_context: dict[str, Any] | None = None) -> torch.Tensor:
+        """Raw provider units -> network input tensor on the adapter's device/dtype.
+
+        ``bands`` names the channels of ``raw`` (checked against ``spec.bands`` when given);
+        ``tile_context`` is what ``tile_context()`` computed for the chip's tile.
+        """
         raise NotImplementedError
 
     def forward_embeddings(self, x: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,8 +295,24 @@ class Adapter:
             pooled, grid = self.forward_embeddings(x, pooling=pooling, **kwargs)
         return Embeddings(pooled=pooled.float(), grid=grid.float())
 
-    def embed_raw(self, raw: np.ndarray, *, pooling: str = "mean", **kwargs: Any) -> Embeddings:
-        return self.embed(self.preprocess(raw, **kwargs), pooling=pooling, **kwargs)
+    def tile_context(self, raw_tile: np.ndarray, *, bands: tuple[str, ...] | None = None) -> dict[str, Any]:
+        """Statistics over a whole tile-month that preprocessing may use (e.g. per-tile S1 scaling).
+
+        ``raw_tile`` is the full composite in raw units, (C, H, W) or (T, C, H, W). The result is
+        passed to ``preprocess(..., tile_context=...)`` for every chip of that tile and recorded
+        in the lineage. Default: no tile-level statistics.
+        """
+        return {}
+
+    def forward_kwargs(self, raw_shape: tuple[int, ...], *, pixel_size_m: float) -> dict[str, Any]:
+        """Extra forward arguments derived from the raw chips (e.g. ScaleMAE's ground resolution)."""
+        return {}
+
+    def embed_raw(self, raw: np.ndarray, *, bands: tuple[str, ...] | None = None, pixel_size_m: float = 10.0,
+                  tile_context: dict[str, Any] | None = None, pooling: str = "mean") -> Embeddings:
+        """Raw provider chips -> embeddings: ``preprocess`` then ``embed`` with the derived kwargs."""
+        x = self.preprocess(raw, bands=bands, tile_context=tile_context or {})
+        return self.embed(x, pooling=pooling, **self.forward_kwargs(np.shape(raw), pixel_size_m=pixel_size_m))
 
     def batch_size(self) -> int:
         return int(self.spec.default_batch_size.get(self.device.type, 8))

@@ -214,7 +214,8 @@ class FomoAdapter(Adapter):
     def published_state_dict(cls, model: nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    def preprocess(self, raw: np.ndarray, *, bands: tuple[str, ...] | None = None, **_: Any) -> torch.Tensor:
+    def preprocess(self, raw: np.ndarray, *, bands: tuple[str, ...] | None = None,
+                   tile_context: dict[str, Any] | None = None) -> torch.Tensor:
         """Raw S2 L2A DN (B, 12, H, W) -> normalised (B, 12, img, img) as rs-embed's FoMo adapter.
 
         nan→0, clip [0, 10000], then ``unit_scale`` (/10000), ``per_tile_minmax`` (per-chip, per-band
