@@ -108,7 +108,7 @@ def make_composite(*, sensor: str, tile: Tile, month: str, data: np.ndarray, val
                                               "GeoTransform": " ".join(repr(v) for v in tile.transform),
                                               "epsg": tile.epsg}),
         },
-        coords={"band": list(spec.bands), "y": tile.y_coords(), "x": tile.x_coords()},
+        coords={"band": np.array(spec.bands, dtype=object), "y": tile.y_coords(), "x": tile.x_coords()},
         attrs={
             "sensor": sensor, "tile": tile.key, "month": month, "provider": provider, "status": status,
             "synthetic": int(bool(synthetic)), "valid_fraction": float(valid.mean()) if valid.size else 0.0,

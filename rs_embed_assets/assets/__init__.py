@@ -1,0 +1,1 @@
+"""Asset definitions (thin over rs_embed_assets.materialize)."""

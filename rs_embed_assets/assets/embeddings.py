@@ -1,0 +1,126 @@
+"""embeddings/<model>: one asset per model over tile × month, from one factory.
+
+Each run batches all its partitions on one loaded model (``context.partition_keys``), writes
+Parquet vectors + a zarr grid + a manifest per partition, and takes a slot of the ``gpu`` pool.
+"""
+
+import dagster as dg
+import numpy as np
+
+import adapters
+
+from ..embedding import code_version
+from ..materialize import materialize_embeddings
+from ..partitions import TILE_MONTH, split_key
+from ..resources import model_resource_key
+from ..settings import enabled_models
+
+BACKFILL = dg.BackfillPolicy.multi_run(max_partitions_per_run=16)
+
+
+def _composite_dep(spec: adapters.ModelSpec) -> dg.AssetDep:
+    upstream = dg.AssetKey(f"{spec.sensor}_composite")
+    if spec.frames == 1:
+        return dg.AssetDep(upstream)
+    # temporal models read months M-(frames-1) … M of the same tile
+    return dg.AssetDep(upstream, partition_mapping=dg.MultiPartitionMapping({
+        "month": dg.DimensionPartitionMapping("month", dg.TimeWindowPartitionMapping(
+            start_offset=-(spec.frames - 1), end_offset=0, allow_nonexistent_upstream_partitions=True)),
+        "tile": dg.DimensionPartitionMapping("tile", dg.IdentityPartitionMapping()),
+    }))
+
+
+def build_embedding_asset(model_id: str) -> dg.AssetsDefinition:
+    spec = adapters.get_spec(model_id)
+    key = dg.AssetKey(["embeddings", model_id])
+    check = dg.AssetCheckSpec("vectors_complete_and_finite", asset=key,
+                              description="Every embedded chip has one finite vector of the model's dimension.")
+    frames_note = (f" Each partition uses the {spec.frames} monthly composites M-{spec.frames - 1} … M of its tile."
+                   if spec.frames > 1 else "")
+
+    @dg.asset(
+        key=key,
+        partitions_def=TILE_MONTH,
+        deps=[dg.AssetDep(dg.AssetKey(["checkpoint", spec.checkpoint_id])), _composite_dep(spec)],
+        backfill_policy=BACKFILL,
+        pool="gpu",
+        group_name="embeddings",
+        kinds={"pytorch", "parquet", "zarr"},
+        owners=["team:ml"],
+        tags={"model": model_id, "sensor": spec.sensor},
+        code_version=code_version(model_id),
+        check_specs=[check],
+        required_resource_keys={"storage", model_resource_key(model_id)},
+        automation_condition=dg.AutomationCondition.eager(),
+        description=(f"{spec.description} Chips of {spec.chip_size} px from {spec.sensor}_composite "
+                     f"({', '.join(spec.bands)}); pooled {spec.embed_dim}-d vectors per chip in Parquet, grids "
+                     f"({spec.embed_dim}, {spec.grid_size}×{spec.grid_size} per chip, {spec.grid_resolution_m:g} m cells) "
+                     f"stitched per tile in zarr.{frames_note}"),
+        metadata={"embed_dim": spec.embed_dim, "chip_size_px": spec.chip_size, "bands": list(spec.bands),
+                  "grid_cell_m": spec.grid_resolution_m, "checkpoint_file": spec.checkpoint.filename},
+    )
+    def _embeddings(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        storage = context.resources.storage.get()
+        model_res = getattr(context.resources, model_resource_key(model_id))
+        adapter, checkpoint = model_res.load(storage)
+        if checkpoint["random_init"]:
+            context.log.warning(f"{model_id}: checkpoint is RANDOM-INIT demo weights; embeddings are not meaningful")
+        manifests = []
+        for pkey in context.partition_keys:
+            tile, month = split_key(pkey)
+            manifests.append(materialize_embeddings(storage, adapter, tile, month, checkpoint, model_res.settings(),
+                                                    log_fn=context.log.debug))
+            m = manifests[-1]
+            context.log.info(f"{model_id} {tile} {month}: {m['rows']} chips in {m['seconds']} s "
+                             f"({m['chips_per_s']} chips/s) frames={m['frame_months']}")
+        return dg.MaterializeResult(metadata=_metadata(adapter, checkpoint, manifests),
+                                    check_results=[_check(storage, model_id, manifests, spec.embed_dim)])
+
+    return _embeddings
+
+
+def _metadata(adapter, checkpoint: dict, manifests: list[dict]) -> dict:
+    rows = sum(m["rows"] for m in manifests)
+    seconds = sum(m["seconds"] for m in manifests)
+    first = manifests[0]
+    md = {
+        "dagster/row_count": rows,
+        "partitions": len(manifests),
+        "checkpoint_sha256": checkpoint["sha256"],
+        "checkpoint_source": checkpoint["source_uri"],
+        "checkpoint_random_init": bool(checkpoint["random_init"]),
+        "preprocessing_hash": first["preprocessing_hash"],
+        "preprocessing": dg.MetadataValue.json(first["preprocessing"]),
+        "code_version": first["code_version"],
+        "composite_versions": ",".join(sorted({v for m in manifests for v in m["composite_versions"]})),
+        "device": first["device"], "dtype": first["dtype"],
+        "chips_embedded": rows, "chips_skipped": sum(m["chips_skipped"] for m in manifests),
+        "embed_seconds": round(seconds, 3), "chips_per_s": round(rows / seconds, 3) if seconds > 0 else 0.0,
+    }
+    if adapter.spec.frames > 1:
+        md["frame_months"] = dg.MetadataValue.json({f"{m['tile']}/{m['month']}": m["frame_months"] for m in manifests})
+        md["distinct_frames_min"] = min(m["distinct_frames"] for m in manifests)
+    if len(manifests) == 1:
+        md["vectors_path"] = dg.MetadataValue.path(first["vectors_path"])
+        md["grid_path"] = dg.MetadataValue.path(first["grid_path"])
+        md["grid_shape"] = str(first["grid_shape"])
+    return md
+
+
+def _check(storage, model_id: str, manifests: list[dict], dim: int) -> dg.AssetCheckResult:
+    import pyarrow.parquet as pq
+
+    problems = []
+    for m in manifests:
+        table = pq.read_table(m["vectors_path"], columns=["embedding"])
+        if table.num_rows != m["chips_embedded"]:
+            problems.append(f"{m['tile']}/{m['month']}: {table.num_rows} rows, {m['chips_embedded']} chips embedded")
+        if table.num_rows:
+            vec = np.asarray(table.column("embedding").combine_chunks().flatten()).reshape(table.num_rows, -1)
+            if vec.shape[1] != dim or not np.isfinite(vec).all():
+                problems.append(f"{m['tile']}/{m['month']}: vectors {vec.shape} not finite/{dim}-d")
+    return dg.AssetCheckResult(check_name="vectors_complete_and_finite", passed=not problems,
+                               metadata={"problems": "; ".join(problems) or "none"})
+
+
+embedding_assets = [build_embedding_asset(m) for m in enabled_models()]

@@ -1,0 +1,138 @@
+"""The DuckDB catalog over the Parquet vectors and JSON manifests.
+
+``build_catalog`` (run by the single-writer ``catalog`` asset) creates in ``catalog.duckdb``:
+
+- ``vectors_<model>`` views and a ``vectors`` view over all models: one row per chip, with
+  ``embedding FLOAT[D]`` (cast from the Parquet fixed-size list) and ``geometry`` as GEOMETRY;
+- ``manifest`` table: per-partition provenance (checkpoint sha256, composite version,
+  preprocessing hash, code version, counts, timings), also for partitions with zero rows;
+- ``composites`` table: per tile-month composite status, valid fraction, provider and version;
+- macros ``similar_chips(model, chip_id, month, k)``, ``nearest_to_vector(model, vec, k)``
+  and ``chip_timeseries(model, chip_id)``.
+
+Readers open the file read-only (``connect_readonly``) so they never block the writer.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+import adapters
+
+from .storage import Storage
+
+
+def _glob(path: Path) -> str:
+    return str(path).replace("'", "''")
+
+
+def _has_files(pattern_root: Path, suffix: str) -> bool:
+    return pattern_root.exists() and any(pattern_root.rglob(f"*{suffix}"))
+
+
+def build_catalog(storage: Storage) -> dict[str, Any]:
+    """(Re)create views, tables and macros; returns counts per model."""
+    t0 = time.perf_counter()
+    storage.root.mkdir(parents=True, exist_ok=True)
+    tmp = storage.catalog_path.with_name(".catalog.duckdb.tmp")
+    if tmp.exists():
+        tmp.unlink()
+    con = duckdb.connect(str(tmp))
+    try:
+        counts: dict[str, int] = {}
+        views = []
+        for model in adapters.list_models():
+            vdir = storage.root / "embeddings" / model / "vectors"
+            if not _has_files(vdir, ".parquet"):
+                continue
+            dim = adapters.get_spec(model).embed_dim
+            con.execute(f"""
+                CREATE VIEW vectors_{model} AS
+                SELECT * REPLACE (embedding::FLOAT[{dim}] AS embedding, geometry::GEOMETRY AS geometry)
+                FROM read_parquet('{_glob(vdir)}/month=*/tile=*.parquet', hive_partitioning=false)""")
+            counts[model] = con.execute(f"SELECT count(*) FROM vectors_{model}").fetchone()[0]
+            views.append(model)
+        union = " UNION ALL BY NAME ".join(
+            f"SELECT * REPLACE (embedding::FLOAT[] AS embedding) FROM vectors_{m}" for m in views)
+        if union:
+            con.execute(f"CREATE VIEW vectors AS {union}")
+        else:  # an empty, typed view keeps queries valid before the first embeddings exist
+            con.execute("CREATE VIEW vectors AS SELECT NULL::VARCHAR AS chip_id, NULL::VARCHAR AS model, "
+                        "NULL::VARCHAR AS tile, NULL::DATE AS month, NULL::FLOAT[] AS embedding WHERE false")
+
+        mglob = storage.root / "embeddings"
+        if _has_files(mglob, ".json") and any(mglob.glob("*/manifest/month=*/tile=*.json")):
+            con.execute(f"""
+                CREATE TABLE manifest AS
+                SELECT model, tile, month::VARCHAR AS month, rows, checkpoint_sha256, checkpoint_random_init,
+                       checkpoint_source, composite_version, preprocessing_hash, code_version, provider, synthetic,
+                       device, dtype, chips_total, chips_embedded, chips_skipped, seconds, chips_per_s,
+                       frame_months::VARCHAR[] AS frame_months, distinct_frames, vectors_path, grid_path
+                FROM read_json_auto('{_glob(mglob)}/*/manifest/month=*/tile=*.json', union_by_name=true)""")
+        else:
+            con.execute("CREATE TABLE manifest (model VARCHAR, tile VARCHAR, month VARCHAR, rows BIGINT)")
+        cglob = storage.root / "composites"
+        if any(cglob.glob("*/_manifest/month=*/tile=*.json")) if cglob.exists() else False:
+            con.execute(f"""
+                CREATE TABLE composites AS
+                SELECT sensor, tile, month::VARCHAR AS month, status, valid_fraction, scene_count, provider,
+                       synthetic, data_version, path
+                FROM read_json_auto('{_glob(cglob)}/*/_manifest/month=*/tile=*.json', union_by_name=true)""")
+        else:
+            con.execute("CREATE TABLE composites (sensor VARCHAR, tile VARCHAR, month VARCHAR, status VARCHAR)")
+
+        con.execute("""
+            CREATE MACRO similar_chips(m, query_chip, query_month, k) AS TABLE
+            WITH q AS (SELECT embedding FROM vectors
+                       WHERE model = m AND chip_id = query_chip AND month = query_month::DATE LIMIT 1)
+            SELECT v.chip_id, v.tile, v.month, v.center_lon, v.center_lat, v.valid_fraction,
+                   list_cosine_similarity(v.embedding, q.embedding) AS similarity
+            FROM vectors v, q
+            WHERE v.model = m AND NOT (v.chip_id = query_chip AND v.month = query_month::DATE)
+            ORDER BY similarity DESC LIMIT k""")
+        con.execute("""
+            CREATE MACRO nearest_to_vector(m, vec, k) AS TABLE
+            SELECT v.chip_id, v.tile, v.month, v.center_lon, v.center_lat,
+                   list_cosine_similarity(v.embedding, vec::FLOAT[]) AS similarity
+            FROM vectors v WHERE v.model = m ORDER BY similarity DESC LIMIT k""")
+        con.execute("""
+            CREATE MACRO chip_timeseries(m, query_chip) AS TABLE
+            SELECT month, valid_fraction, embedding FROM vectors
+            WHERE model = m AND chip_id = query_chip ORDER BY month""")
+        n_manifest = con.execute("SELECT count(*) FROM manifest").fetchone()[0]
+        n_composites = con.execute("SELECT count(*) FROM composites").fetchone()[0]
+    finally:
+        con.close()
+    # the catalog only holds views/macros/small tables: rebuilding and swapping it is atomic and cheap
+    storage.catalog_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp.replace(storage.catalog_path)
+    wal = tmp.with_name(tmp.name + ".wal")
+    if wal.exists():
+        wal.unlink()
+    return {"rows_per_model": counts, "models": views, "manifest_rows": n_manifest,
+            "composite_rows": n_composites, "seconds": round(time.perf_counter() - t0, 3),
+            "path": str(storage.catalog_path)}
+
+
+def connect_readonly(path: str | Path) -> duckdb.DuckDBPyConnection:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; materialise the `catalog` asset first")
+    return duckdb.connect(str(path), read_only=True)
+
+
+def similar_chips(path: str | Path, model: str, chip_id: str, month: str, k: int = 5) -> list[tuple]:
+    with connect_readonly(path) as con:
+        return con.execute("SELECT * FROM similar_chips(?, ?, ?, ?)", [model, chip_id, f"{month}-01", k]).fetchall()
+
+
+def describe(path: str | Path) -> str:
+    with connect_readonly(path) as con:
+        rows = con.execute("SELECT model, count(*) AS chips, count(DISTINCT tile) AS tiles, "
+                           "count(DISTINCT month) AS months FROM vectors GROUP BY model ORDER BY model").fetchall()
+    return json.dumps([dict(zip(["model", "chips", "tiles", "months"], r)) for r in rows])

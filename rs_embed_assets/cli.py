@@ -1,0 +1,203 @@
+"""Command line: ``rs-embed-assets demo | dev | tiles ... | similar ...``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+POOL_LIMITS = {"gpu": 1, "imagery": 4, "duckdb_writer": 1}
+
+# Demo AOI: two 305 px (3.05 km) sub-tiles of 31UFU west of Hoorn, NL (k = 36)
+DEMO_BBOX = "5.041,52.638,5.087,52.646"
+DEMO_MONTHS = ("2024-06", "2024-07")
+DEMO_K = 36
+
+
+def ensure_dagster_home(path: str | None = None) -> Path:
+    """Use $DAGSTER_HOME, or ./.dagster_home, seeded with the repo's dagster.yaml."""
+    home = Path(path or os.environ.get("DAGSTER_HOME") or ".dagster_home").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    cfg = home / "dagster.yaml"
+    if not cfg.exists():
+        shutil.copy(REPO_ROOT / "dagster.yaml", cfg)
+    os.environ["DAGSTER_HOME"] = str(home)
+    return home
+
+
+def get_instance():
+    import dagster as dg
+
+    ensure_dagster_home()
+    instance = dg.DagsterInstance.get()
+    for pool, limit in POOL_LIMITS.items():
+        if instance.event_log_storage.get_concurrency_info(pool).slot_count == 0:
+            instance.event_log_storage.set_concurrency_slots(pool, limit)
+    return instance
+
+
+def _aoi_from_args(args):
+    from .grid import AOI, parse_bbox
+
+    if getattr(args, "bbox", None):
+        return parse_bbox(args.bbox)
+    if getattr(args, "geojson", None):
+        return AOI.from_geojson(Path(args.geojson))
+    raise SystemExit("give --bbox minlon,minlat,maxlon,maxlat or --geojson FILE")
+
+
+def cmd_tiles(args) -> int:
+    from .grid import parse_tile_key, tiles_for_aoi
+    from .partitions import TILES
+
+    if args.action == "for-aoi":
+        print("\n".join(tiles_for_aoi(_aoi_from_args(args), k=args.k)))
+        return 0
+    instance = get_instance()
+    if args.action == "list":
+        print("\n".join(instance.get_dynamic_partitions(TILES.name)))
+        return 0
+    if args.action == "add":
+        keys = list(args.keys or []) + (tiles_for_aoi(_aoi_from_args(args), k=args.k)
+                                        if (args.bbox or args.geojson) else [])
+        for k in keys:
+            parse_tile_key(k)  # refuse malformed keys before they become partitions
+        existing = set(instance.get_dynamic_partitions(TILES.name))
+        new = [k for k in keys if k not in existing]
+        if new:
+            instance.add_dynamic_partitions(TILES.name, new)
+        print(f"added {len(new)} tile(s), {len(keys) - len(new)} already present: {', '.join(new) or '-'}")
+        return 0
+    raise SystemExit(f"unknown tiles action {args.action}")
+
+
+def run_demo(*, data_root: str, bbox: str = DEMO_BBOX, months=DEMO_MONTHS, k: int = DEMO_K,
+             model: str = "fomo", allow_random_init: bool = True, top: int = 5) -> list[tuple]:
+    """Materialise composites, the checkpoint and one model's embeddings for a small AOI, then query."""
+    os.environ["RS_EMBED_ASSETS_DATA_ROOT"] = str(Path(data_root).resolve())
+    os.environ.setdefault("RS_EMBED_ASSETS_MODELS", model)
+    if allow_random_init:
+        os.environ.setdefault("RS_EMBED_ALLOW_RANDOM_INIT", "1")
+    import dagster as dg
+
+    from .catalog import connect_readonly
+    from .grid import parse_bbox, tiles_for_aoi
+    from .materialize import read_checkpoint_record
+    from .partitions import TILES, make_key
+    from .storage import Storage
+
+    instance = get_instance()
+    from .definitions import defs
+
+    tiles = tiles_for_aoi(parse_bbox(bbox), k=k)
+    existing = set(instance.get_dynamic_partitions(TILES.name))
+    instance.add_dynamic_partitions(TILES.name, [t for t in tiles if t not in existing])
+    print(f"tiles: {', '.join(tiles)}; months: {', '.join(months)}")
+    assets = list(defs.assets)
+    resources = defs.resources
+    ckpt = dg.AssetKey(["checkpoint", model])
+    dg.materialize(assets, selection=[ckpt], instance=instance, resources=resources)
+    storage = Storage(os.environ["RS_EMBED_ASSETS_DATA_ROOT"])
+    if read_checkpoint_record(storage, model)["random_init"]:
+        print(f"!! checkpoint/{model}: RANDOM-INIT demo weights (the published file is not available offline). "
+              "Point RS_EMBED_FOMO_CKPT at fomo_single_embedding_layer_weights.pt for real embeddings.")
+    selection = [dg.AssetKey("s2_composite"), dg.AssetKey("s1_composite"), dg.AssetKey(["embeddings", model])]
+    ordered = sorted(tiles)
+    start, end = make_key(ordered[0], months[0]), make_key(ordered[-1], months[-1])
+    dg.materialize(assets, selection=selection, instance=instance, resources=resources,
+                   tags={"dagster/asset_partition_range_start": str(start),
+                         "dagster/asset_partition_range_end": str(end)})
+    dg.materialize(assets, selection=[dg.AssetKey("catalog")], instance=instance, resources=resources)
+    db = storage.catalog_path
+    with connect_readonly(db) as con:
+        summary = con.execute("SELECT model, count(*) AS chips, count(DISTINCT tile) AS tiles, "
+                              "count(DISTINCT month) AS months FROM vectors GROUP BY model").fetchall()
+        query_chip, query_month = con.execute(
+            "SELECT chip_id, month FROM vectors WHERE model = ? ORDER BY tile, month, chip_row, chip_col LIMIT 1",
+            [model]).fetchone()
+        sql = "SELECT chip_id, month, round(similarity, 4) AS sim FROM similar_chips(?, ?, ?, ?)"
+        rows = con.execute(sql, [model, query_chip, str(query_month), top]).fetchall()
+    print(f"catalog: {db}")
+    for m, chips, nt, nm in summary:
+        print(f"  {m}: {chips} chips over {nt} tiles × {nm} months")
+    print(f"\nSQL> SELECT * FROM similar_chips('{model}', '{query_chip}', '{query_month}', {top});")
+    print(f"{'chip_id':<36} {'month':<10} similarity")
+    for chip, month, sim in rows:
+        print(f"{chip:<36} {str(month):<10} {sim}")
+    return rows
+
+
+def cmd_demo(args) -> int:
+    run_demo(data_root=args.data_root, bbox=args.bbox, months=tuple(args.months.split(",")), k=args.k,
+             model=args.model, allow_random_init=not args.no_random_init, top=args.top)
+    return 0
+
+
+def cmd_dev(args) -> int:
+    get_instance()
+    cmd = [sys.executable, "-m", "dagster", "dev", "-w", str(REPO_ROOT / "workspace.yaml"),
+           "-h", args.host, "-p", str(args.port)]
+    os.execvp(cmd[0], cmd)
+    return 0
+
+
+def cmd_similar(args) -> int:
+    from .catalog import similar_chips
+    from .storage import Storage
+
+    db = Storage(args.data_root).catalog_path
+    for row in similar_chips(db, args.model, args.chip, args.month, args.k):
+        print(*row, sep="\t")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    data_root_default = os.environ.get("RS_EMBED_ASSETS_DATA_ROOT", "data")
+    p = argparse.ArgumentParser(prog="rs-embed-assets", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("demo", help="materialise a small AOI offline and print a DuckDB similarity query")
+    d.add_argument("--data-root", default=data_root_default)
+    d.add_argument("--bbox", default=DEMO_BBOX)
+    d.add_argument("--months", default=",".join(DEMO_MONTHS))
+    d.add_argument("--k", type=int, default=DEMO_K, help="k×k sub-tiling of each S2 tile")
+    d.add_argument("--model", default="fomo")
+    d.add_argument("--top", type=int, default=5)
+    d.add_argument("--no-random-init", action="store_true",
+                   help="fail instead of using random demo weights when the checkpoint is unavailable")
+    d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("tiles", help="tile partitions: add from an AOI, list, or just compute")
+    t.add_argument("action", choices=["add", "list", "for-aoi"])
+    t.add_argument("keys", nargs="*", help="explicit tile keys (add)")
+    t.add_argument("--bbox")
+    t.add_argument("--geojson")
+    t.add_argument("--k", type=int, default=1, help="k×k sub-tiling (1 = whole 110 km tiles)")
+    t.set_defaults(func=cmd_tiles)
+
+    v = sub.add_parser("dev", help="start the Dagster UI and daemon with the local instance")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=3000)
+    v.set_defaults(func=cmd_dev)
+
+    s = sub.add_parser("similar", help="nearest chips to a chip, from catalog.duckdb")
+    s.add_argument("--data-root", default=data_root_default)
+    s.add_argument("--model", default="fomo")
+    s.add_argument("--chip", required=True)
+    s.add_argument("--month", required=True, help="YYYY-MM")
+    s.add_argument("-k", type=int, default=10)
+    s.set_defaults(func=cmd_similar)
+
+    args = p.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""Partitions: tiles (dynamic, added from areas of interest) × months (time windows)."""
+
+from __future__ import annotations
+
+import os
+
+import dagster as dg
+
+from .composite import parse_month
+
+TILES = dg.DynamicPartitionsDefinition(name="tiles")
+START_MONTH = parse_month(os.environ.get("RS_EMBED_ASSETS_START_MONTH", "2024-01"))
+MONTHS = dg.MonthlyPartitionsDefinition(start_date=f"{START_MONTH}-01", end_offset=0)
+TILE_MONTH = dg.MultiPartitionsDefinition({"month": MONTHS, "tile": TILES})
+
+
+def split_key(key: str | dg.MultiPartitionKey) -> tuple[str, str]:
+    """A tile×month partition key → (tile key, 'YYYY-MM')."""
+    if not isinstance(key, dg.MultiPartitionKey):
+        key = TILE_MONTH.get_partition_key_from_str(str(key))
+    dims = key.keys_by_dimension
+    return dims["tile"], parse_month(dims["month"])
+
+
+def make_key(tile: str, month: str) -> dg.MultiPartitionKey:
+    return dg.MultiPartitionKey({"tile": tile, "month": f"{parse_month(month)}-01"})

@@ -1,0 +1,124 @@
+"""Dagster resources: storage root, imagery provider, model adapters and the DuckDB catalog.
+
+Defaults work offline on a fresh machine (``./data``, the sample provider, CPU); production sets
+environment variables or resource config (Earth Engine, GPU workers) — see README.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Optional
+
+import dagster as dg
+from pydantic import PrivateAttr
+
+import adapters
+
+from .catalog import connect_readonly
+from .materialize import EmbeddingSettings, read_checkpoint_record
+from .providers import Provider, create_provider
+from .settings import enabled_models
+from .storage import Storage
+
+
+def _env(name: str, default: str) -> str:
+    v = os.environ.get(name)
+    return default if v is None or v.strip() == "" else v
+
+
+class StorageResource(dg.ConfigurableResource):
+    """Root directory of the catalog (composites, embeddings, checkpoints, catalog.duckdb)."""
+
+    root: str = _env("RS_EMBED_ASSETS_DATA_ROOT", "data")
+
+    def get(self) -> Storage:
+        return Storage(self.root)
+
+
+class ProviderResource(dg.ConfigurableResource):
+    """Which imagery provider makes composites: ``sample`` (offline), ``local`` or ``gee``."""
+
+    kind: str = _env("RS_EMBED_ASSETS_PROVIDER", "sample")
+    options: dict[str, Any] = {}
+
+    def get(self) -> Provider:
+        opts = dict(self.options)
+        if self.kind == "local" and "root" not in opts:
+            opts["root"] = _env("RS_EMBED_ASSETS_LOCAL_DIR", "imagery")
+        return create_provider(self.kind, **opts)
+
+
+class CheckpointPolicyResource(dg.ConfigurableResource):
+    """How checkpoint assets may obtain weights.
+
+    ``allow_random_init`` writes deterministic random weights in the published format when the
+    real file is unavailable — for demos and tests only; it is flagged in logs and metadata.
+    """
+
+    allow_random_init: bool = _env("RS_EMBED_ALLOW_RANDOM_INIT", "0").lower() in {"1", "true", "yes"}
+    allow_download: Optional[bool] = None  # None: per-model RS_EMBED_<MODEL>_AUTO_DOWNLOAD (default on)
+    verify_strict_load: bool = True
+
+
+# one loaded model per (process, model, checkpoint, device, dtype): backfill runs reuse it
+_MODEL_CACHE: dict[tuple, adapters.Adapter] = {}
+_MODEL_LOCK = threading.Lock()
+
+
+class ModelResource(dg.ConfigurableResource):
+    """A model adapter on a device, loaded once per process from the materialised checkpoint.
+
+    ``device``: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+    ``batch_size``: chips per forward; 0 = the model's default for the device.
+    """
+
+    model_id: str
+    device: str = _env("RS_EMBED_DEVICE", "auto")
+    dtype: str = _env("RS_EMBED_DTYPE", "float32")
+    batch_size: int = int(_env("RS_EMBED_BATCH_SIZE", "0"))
+    pooling: str = "mean"
+    min_valid_fraction: float = 0.0
+
+    _checkpoint: dict = PrivateAttr(default_factory=dict)
+
+    def load(self, storage: Storage) -> tuple[adapters.Adapter, dict[str, Any]]:
+        spec = adapters.get_spec(self.model_id)
+        record = read_checkpoint_record(storage, spec.checkpoint_id)
+        key = (self.model_id, record["sha256"], self.device, self.dtype)
+        with _MODEL_LOCK:
+            adapter = _MODEL_CACHE.get(key)
+            if adapter is None:
+                cls = adapters.get_adapter_class(self.model_id)
+                adapter = cls.from_checkpoint(record["path"], device=self.device, dtype=self.dtype)
+                _MODEL_CACHE.clear()  # keep one model resident: GPU memory is the scarce resource
+                _MODEL_CACHE[key] = adapter
+        return adapter, record
+
+    def settings(self) -> EmbeddingSettings:
+        return EmbeddingSettings(pooling=self.pooling, batch_size=self.batch_size or None,
+                                 min_valid_fraction=self.min_valid_fraction)
+
+
+class CatalogResource(dg.ConfigurableResource):
+    """Read-only access to ``catalog.duckdb`` for sensors, checks and notebooks."""
+
+    path: str = ""
+
+    def connect(self, storage: Storage | None = None):
+        return connect_readonly(self.path or (storage.catalog_path if storage else "data/catalog.duckdb"))
+
+
+def model_resource_key(model_id: str) -> str:
+    return f"model_{model_id}"
+
+
+def default_resources() -> dict[str, Any]:
+    res: dict[str, Any] = {
+        "storage": StorageResource(),
+        "provider": ProviderResource(),
+        "checkpoint_policy": CheckpointPolicyResource(),
+    }
+    for model_id in enabled_models():
+        res[model_resource_key(model_id)] = ModelResource(model_id=model_id)
+    return res
