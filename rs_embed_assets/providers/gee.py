@@ -48,7 +48,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import xarray as xr
 
-from ..composite import S1_BANDS, S2_BANDS, empty_composite, make_composite, month_start_end, parse_month, sensor_spec
+from ..composite import (S1_BANDS, S2_BANDS, empty_composite, make_composite, month_start_end, parse_month,
+                         sensor_spec)
 from ..grid import PIXEL_SIZE_M, Tile
 from .base import Provider, ProviderError
 
@@ -547,7 +548,8 @@ class GEEProvider(Provider):
                 col, n, iw_applied, relaxed = pol, counts["vv_vh_any_mode"], False, True
         else:
             col, n = pol, counts["vv_vh"]
-        filters = ["bounds", "date"] + (["orbit_pass"] if self.s1_orbit else []) + (["instrument_mode_iw"] if iw_applied else []) + ["polarisation_vv_vh"]
+        filters = (["bounds", "date"] + (["orbit_pass"] if self.s1_orbit else [])
+                   + (["instrument_mode_iw"] if iw_applied else []) + ["polarisation_vv_vh"])
         info: dict[str, Any] = {
             "collection": self.s1_collection, "units": self.s1_units, "start": start, "end": end,
             "filters": filters, "scene_counts": counts, "composite": self.composite_method,

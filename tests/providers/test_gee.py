@@ -381,6 +381,24 @@ def test_conflicting_configuration_in_one_process(fake):
         provider(project="b").composite("s2", TILE, "2024-03")
 
 
+def test_initialise_once_across_threads(fake):
+    import concurrent.futures as cf
+
+    p = provider(max_workers=2)
+    with cf.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda m: p.composite("s2", TILE, m), ["2024-03"] * 4))
+    assert all(r.attrs["status"] == "ok" for r in results) and len(fake.init_calls) == 1
+
+
+def test_initialise_failure_is_a_provider_error(fake, monkeypatch):
+    def boom(**kw):
+        raise EEException("Earth Engine API has not been used in project my-ee-project before or it is disabled.")
+
+    monkeypatch.setattr(fake.module, "Initialize", boom)
+    with pytest.raises(ProviderError, match="initialisation failed for project 'my-ee-project'.*registered"):
+        provider().composite("s2", TILE, "2024-03")
+
+
 def test_describe_and_registry(fake):
     p = create_provider("gee", cloudy_pct=20, cs_threshold=0.65, max_workers=3, sleep=lambda s: None)
     assert isinstance(p, GEEProvider)
