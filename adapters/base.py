@@ -19,6 +19,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import pickle
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
@@ -195,6 +197,32 @@ def load_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, sou
     model.load_state_dict(state_dict, strict=True)
 
 
+class _InertObject:
+    """Stand-in for a pickled class outside torch/numpy: keeps state, runs no code."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._args = args
+
+    def __setstate__(self, state: Any) -> None:
+        self._state = state
+
+
+_SAFE_MODULE_PREFIXES = ("torch", "collections", "numpy", "_codecs")
+
+
+class _InertUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if module.split(".")[0] in _SAFE_MODULE_PREFIXES:
+            return super().find_class(module, name)
+        if module == "builtins" and name in {"set", "frozenset", "slice", "complex", "bytearray", "range"}:
+            return super().find_class(module, name)
+        return type(name, (_InertObject,), {"__module__": f"inert.{module}"})
+
+
+_inert_pickle = types.SimpleNamespace(Unpickler=_InertUnpickler, load=lambda f, **kw: _InertUnpickler(f, **kw).load(),
+                                      __name__="inert_pickle")
+
+
 def read_checkpoint_file(path: str | Path) -> dict[str, Any]:
     """Read a torch checkpoint, turning truncated / non-checkpoint files into a clear error."""
     path = Path(path)
@@ -203,6 +231,13 @@ def read_checkpoint_file(path: str | Path) -> dict[str, Any]:
                               "or let the checkpoint asset download it")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" not in str(exc):
+            raise CheckpointError(f"checkpoint file {path} cannot be read ({exc}); it is probably truncated or "
+                                  "not a PyTorch checkpoint — delete it and download it again") from exc
+        # training checkpoints (mmengine) also pickle bookkeeping objects (message hub, history
+        # buffers). Load them without executing any of their code: unknown classes become inert stubs.
+        obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_inert_pickle)
     except Exception as exc:  # torch raises several types for corrupt zips / pickles
         raise CheckpointError(
             f"checkpoint file {path} ({path.stat().st_size} bytes) cannot be read ({type(exc).__name__}: {exc}); "
@@ -313,6 +348,11 @@ class Adapter:
         """Raw provider chips -> embeddings: ``preprocess`` then ``embed`` with the derived kwargs."""
         x = self.preprocess(raw, bands=bands, tile_context=tile_context or {})
         return self.embed(x, pooling=pooling, **self.forward_kwargs(np.shape(raw), pixel_size_m=pixel_size_m))
+
+    @property
+    def frames(self) -> int:
+        """Temporal frames per sample (the config's ``frames`` knob where the model has one)."""
+        return int(getattr(self.config, "frames", self.spec.frames))
 
     def batch_size(self) -> int:
         return int(self.spec.default_batch_size.get(self.device.type, 8))

@@ -18,8 +18,9 @@ AOI_FILE_ENV = "RS_EMBED_ASSETS_AOI_FILE"
 def aoi_file_tiles(path: str | Path, default_k: int = 1) -> list[str]:
     """Tile keys for a GeoJSON AOI file; a top-level or feature property ``subtile_k`` sets k."""
     obj = json.loads(Path(path).read_text())
-    k = int(obj.get("subtile_k") or next((f.get("properties", {}).get("subtile_k") for f in obj.get("features", [])
-                                          if f.get("properties", {}).get("subtile_k")), default_k))
+    features = obj.get("features", []) if obj.get("type") == "FeatureCollection" else [obj]
+    ks = [obj.get("subtile_k")] + [(f.get("properties") or {}).get("subtile_k") for f in features]
+    k = int(next((v for v in ks if v), default_k))
     return tiles_for_aoi(AOI.from_geojson(obj), k=k)
 
 

@@ -90,8 +90,9 @@ def embed_tile(adapter, frames: Sequence[xr.Dataset], *, tile: Tile, month: str,
     """
     spec = adapter.spec
     month = parse_month(month)
-    if len(frames) != spec.frames:
-        raise EmbeddingError(f"{spec.model_id} needs {spec.frames} composite frame(s), got {len(frames)}")
+    n_frames = adapter.frames
+    if len(frames) != n_frames:
+        raise EmbeddingError(f"{spec.model_id} needs {n_frames} composite frame(s), got {len(frames)}")
     raw, valid = _frames_array(frames, spec.bands)  # (T, C, H, W), (T, H, W)
     T, C, H, W = raw.shape
     if (H, W) != (tile.height, tile.width):
@@ -102,7 +103,8 @@ def embed_tile(adapter, frames: Sequence[xr.Dataset], *, tile: Tile, month: str,
         raise EmbeddingError(f"tile {tile.key} ({H}×{W} px) is smaller than one {spec.model_id} chip ({cs} px); "
                              "use a coarser sub-tiling (smaller k) for this model")
     rows, cols = H // cs, W // cs
-    full = raw if spec.frames > 1 else raw[0]
+    temporal = spec.frames > 1
+    full = raw if temporal else raw[0]
     tile_ctx = adapter.tile_context(full, bands=spec.bands)
     vf = np.array([valid[:, y:y + cs, x:x + cs].mean() for _, _, y, x in windows], dtype=np.float32)
     keep = [i for i, f in enumerate(vf) if f > 0 and f >= min_valid_fraction]
@@ -115,7 +117,7 @@ def embed_tile(adapter, frames: Sequence[xr.Dataset], *, tile: Tile, month: str,
     t0 = time.perf_counter()
     for start in range(0, len(keep), bs):
         idx = keep[start:start + bs]
-        if spec.frames > 1:
+        if temporal:
             batch = np.stack([raw[:, :, y:y + cs, x:x + cs] for _, _, y, x in (windows[i] for i in idx)])
         else:
             batch = np.stack([raw[0, :, y:y + cs, x:x + cs] for _, _, y, x in (windows[i] for i in idx)])

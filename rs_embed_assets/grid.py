@@ -223,7 +223,10 @@ class AOI:
     @classmethod
     def from_geojson(cls, obj: dict | str | Path) -> "AOI":
         if isinstance(obj, (str, Path)):
-            text = Path(obj).read_text() if Path(str(obj)).exists() else str(obj)
+            is_text = isinstance(obj, str) and obj.lstrip().startswith("{")
+            if not is_text and not Path(obj).is_file():
+                raise TileError(f"AOI file {obj} does not exist; give a GeoJSON file path or GeoJSON text")
+            text = str(obj) if is_text else Path(obj).read_text()
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as exc:

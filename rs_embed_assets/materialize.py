@@ -176,7 +176,7 @@ def materialize_embeddings(storage: Storage, adapter, tile_key: str, month: str,
     tile = parse_tile_key(tile_key)
     month = parse_month(month)
     if spec.frames > 1:
-        window, used = agrifm_frame_months(storage, spec.sensor, tile.key, month, spec.frames)
+        window, used = agrifm_frame_months(storage, spec.sensor, tile.key, month, adapter.frames)
     else:
         window, used = [month], [month]
     frames = [read_composite(storage, spec.sensor, tile.key, m) for m in used]

@@ -18,14 +18,22 @@ from ..settings import enabled_models
 BACKFILL = dg.BackfillPolicy.multi_run(max_partitions_per_run=16)
 
 
-def _composite_dep(spec: adapters.ModelSpec) -> dg.AssetDep:
+def _frames(model_id: str) -> int:
+    """Frames per sample as configured (e.g. RS_EMBED_AGRIFM_FRAMES), 1 for single-date models."""
+    cls = adapters.get_adapter_class(model_id)
+    return int(getattr(cls.default_config(), "frames", cls.spec.frames)) if cls.spec.frames > 1 else 1
+
+
+def _composite_dep(model_id: str) -> dg.AssetDep:
+    spec = adapters.get_spec(model_id)
     upstream = dg.AssetKey(f"{spec.sensor}_composite")
-    if spec.frames == 1:
+    frames = _frames(model_id)
+    if frames == 1:
         return dg.AssetDep(upstream)
     # temporal models read months M-(frames-1) … M of the same tile
     return dg.AssetDep(upstream, partition_mapping=dg.MultiPartitionMapping({
         "month": dg.DimensionPartitionMapping("month", dg.TimeWindowPartitionMapping(
-            start_offset=-(spec.frames - 1), end_offset=0, allow_nonexistent_upstream_partitions=True)),
+            start_offset=-(frames - 1), end_offset=0, allow_nonexistent_upstream_partitions=True)),
         "tile": dg.DimensionPartitionMapping("tile", dg.IdentityPartitionMapping()),
     }))
 
@@ -35,13 +43,15 @@ def build_embedding_asset(model_id: str) -> dg.AssetsDefinition:
     key = dg.AssetKey(["embeddings", model_id])
     check = dg.AssetCheckSpec("vectors_complete_and_finite", asset=key,
                               description="Every embedded chip has one finite vector of the model's dimension.")
-    frames_note = (f" Each partition uses the {spec.frames} monthly composites M-{spec.frames - 1} … M of its tile."
-                   if spec.frames > 1 else "")
+    frames = _frames(model_id)
+    frames_note = (f" Each partition uses the {frames} monthly composites M-{frames - 1} … M of its tile; a missing "
+                   "or empty month is replaced by the nearest month of the window that has data."
+                   if frames > 1 else "")
 
     @dg.asset(
         key=key,
         partitions_def=TILE_MONTH,
-        deps=[dg.AssetDep(dg.AssetKey(["checkpoint", spec.checkpoint_id])), _composite_dep(spec)],
+        deps=[dg.AssetDep(dg.AssetKey(["checkpoint", spec.checkpoint_id])), _composite_dep(model_id)],
         backfill_policy=BACKFILL,
         pool="gpu",
         group_name="embeddings",

@@ -1,0 +1,187 @@
+"""Integration: materialise the asset graph on an ephemeral instance and query the DuckDB catalog."""
+
+import json
+
+import dagster as dg
+import duckdb
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from adapters import CheckpointError
+from rs_embed_assets.assets.catalog import catalog
+from rs_embed_assets.assets.checkpoints import build_checkpoint_asset
+from rs_embed_assets.assets.composites import composite_assets
+from rs_embed_assets.assets.embeddings import build_embedding_asset
+from rs_embed_assets.automation import aoi_tiles_sensor
+from rs_embed_assets.materialize import MissingUpstreamError, agrifm_frame_months
+from rs_embed_assets.partitions import TILES, make_key
+from rs_embed_assets.resources import (CheckpointPolicyResource, ModelResource, ProviderResource, StorageResource)
+from rs_embed_assets.storage import Storage
+
+TILE_KEYS = ["31UFU-k36-r21-c12", "31UFU-k36-r21-c13"]
+MONTHS = ["2024-06", "2024-07"]
+FOMO = dg.AssetKey(["embeddings", "fomo"])
+CKPT = dg.AssetKey(["checkpoint", "fomo"])
+S2, S1 = dg.AssetKey("s2_composite"), dg.AssetKey("s1_composite")
+
+
+@pytest.fixture
+def small_fomo(monkeypatch):
+    monkeypatch.setenv("RS_EMBED_FOMO_DEPTH", "2")  # a real knob: small network, same code paths
+    for name in ("RS_EMBED_FOMO_CKPT", "RS_EMBED_FOMO_CKPT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RS_EMBED_FOMO_AUTO_DOWNLOAD", "0")  # CI has no network: never try
+
+
+@pytest.fixture
+def env(tmp_path, small_fomo):
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(TILES.name, TILE_KEYS)
+    assets = [build_checkpoint_asset("fomo", "fomo"), *composite_assets, build_embedding_asset("fomo"), catalog]
+    resources = {
+        "storage": StorageResource(root=str(tmp_path / "data")),
+        "provider": ProviderResource(kind="sample"),
+        "checkpoint_policy": CheckpointPolicyResource(allow_random_init=True),
+        "model_fomo": ModelResource(model_id="fomo", device="cpu", batch_size=8),
+    }
+    return instance, assets, resources, Storage(tmp_path / "data")
+
+
+def _range_tags():
+    return {"dagster/asset_partition_range_start": str(make_key(TILE_KEYS[0], MONTHS[0])),
+            "dagster/asset_partition_range_end": str(make_key(TILE_KEYS[-1], MONTHS[-1]))}
+
+
+def _materialize_all(instance, assets, resources):
+    assert dg.materialize(assets, selection=[CKPT], instance=instance, resources=resources).success
+    res = dg.materialize(assets, selection=[S2, S1, FOMO], instance=instance, resources=resources, tags=_range_tags())
+    assert res.success
+    assert dg.materialize(assets, selection=[dg.AssetKey("catalog")], instance=instance, resources=resources).success
+    return res
+
+
+def test_graph_materialises_and_catalog_answers_sql(env):
+    instance, assets, resources, storage = env
+    res = _materialize_all(instance, assets, resources)
+
+    # one run batched all 4 partitions of each asset
+    for key in (S2, S1, FOMO):
+        assert len(instance.get_materialized_partitions(key)) == 4
+    # files per partition, georeferenced grid, lineage
+    for tile in TILE_KEYS:
+        for month in MONTHS:
+            vec = pq.read_table(storage.vectors_path("fomo", tile, month))
+            assert vec.num_rows == 16 and vec.schema.field("embedding").type.list_size == 768
+            assert json.loads(vec.schema.metadata[b"geo"])["primary_column"] == "geometry"
+            grid = storage.read_zarr(storage.grid_path("fomo", tile, month))
+            assert grid["embedding"].shape == (768, 16, 16)
+            assert grid.attrs["crs"] == "EPSG:32631" and grid.attrs["cell_size_m"] == 160.0
+            manifest = json.loads(storage.manifest_path("fomo", tile, month).read_text())
+            assert manifest["checkpoint_random_init"] is True and len(manifest["checkpoint_sha256"]) == 64
+    mat = [e for e in res.get_asset_materialization_events() if e.asset_key == FOMO][0].materialization
+    for key in ("checkpoint_sha256", "preprocessing_hash", "code_version", "composite_versions", "chips_per_s",
+                "device", "dtype"):
+        assert key in mat.metadata, key
+    assert res.get_asset_check_evaluations()[0].passed
+
+    ckpt_event = instance.get_latest_materialization_event(CKPT)
+    assert ckpt_event.asset_materialization.metadata["random_init"].value is True
+
+    with duckdb.connect(str(storage.catalog_path), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM vectors_fomo").fetchone()[0] == 64
+        assert con.execute("SELECT typeof(embedding) FROM vectors_fomo LIMIT 1").fetchone()[0] == "FLOAT[768]"
+        chip, month = con.execute("SELECT chip_id, month FROM vectors ORDER BY chip_id, month LIMIT 1").fetchone()
+        rows = con.execute("SELECT * FROM similar_chips('fomo', ?, ?, 3)", [chip, str(month)]).fetchall()
+        assert len(rows) == 3 and rows[0][-1] >= rows[-1][-1]
+        # the same chip in the other month is, on synthetic data with a small net, among the most similar
+        series = con.execute("SELECT count(*) FROM chip_timeseries('fomo', ?)", [chip]).fetchone()[0]
+        assert series == 2
+        assert con.execute("SELECT count(*) FROM manifest WHERE model='fomo'").fetchone()[0] == 4
+        assert con.execute("SELECT count(*) FROM composites").fetchone()[0] == 8
+
+
+def test_rematerialising_replaces_and_never_duplicates(env):
+    instance, assets, resources, storage = env
+    _materialize_all(instance, assets, resources)
+    before = pq.read_table(storage.vectors_path("fomo", TILE_KEYS[0], MONTHS[0]))
+    _materialize_all(instance, assets, resources)
+    after = pq.read_table(storage.vectors_path("fomo", TILE_KEYS[0], MONTHS[0]))
+    assert before.column("chip_id").to_pylist() == after.column("chip_id").to_pylist()
+    np.testing.assert_array_equal(np.asarray(before.column("embedding").combine_chunks().flatten()),
+                                  np.asarray(after.column("embedding").combine_chunks().flatten()))
+    files = list((storage.root / "embeddings" / "fomo" / "vectors").rglob("*"))
+    assert sorted(f.name for f in files if f.is_file()) == sorted(f"tile={t}.parquet" for t in TILE_KEYS for _ in MONTHS)
+    with duckdb.connect(str(storage.catalog_path), read_only=True) as con:
+        assert con.execute("SELECT count(*), count(DISTINCT (chip_id, month)) FROM vectors").fetchone() == (64, 64)
+
+
+def test_missing_checkpoint_without_random_init_is_a_clear_error(env):
+    instance, assets, resources, storage = env
+    resources = {**resources, "checkpoint_policy": CheckpointPolicyResource(allow_random_init=False)}
+    with pytest.raises(CheckpointError, match="RS_EMBED_FOMO_CKPT"):
+        dg.materialize(assets, selection=[CKPT], instance=instance, resources=resources)
+    assert not storage.checkpoint_record("fomo").exists()
+
+
+def test_wrong_checkpoint_file_is_refused_at_the_checkpoint_asset(env, tmp_path, monkeypatch):
+    import torch
+
+    instance, assets, resources, storage = env
+    bad = tmp_path / "other_model.pt"
+    torch.save({"encoder.weight": torch.zeros(3)}, bad)
+    monkeypatch.setenv("RS_EMBED_FOMO_CKPT", str(bad))
+    with pytest.raises(CheckpointError, match="missing keys"):
+        dg.materialize(assets, selection=[CKPT], instance=instance, resources=resources)
+    good = tmp_path / "fomo.pt"
+    from adapters.fomo import FomoAdapter
+
+    FomoAdapter.write_random_checkpoint(good)
+    (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:1000])
+    monkeypatch.setenv("RS_EMBED_FOMO_CKPT", str(tmp_path / "cut.pt"))
+    with pytest.raises(CheckpointError, match="truncated"):
+        dg.materialize(assets, selection=[CKPT], instance=instance, resources=resources)
+
+
+def test_embeddings_before_composites_name_the_missing_partition(env):
+    instance, assets, resources, storage = env
+    assert dg.materialize(assets, selection=[CKPT], instance=instance, resources=resources).success
+    with pytest.raises(MissingUpstreamError, match="materialise s2_composite"):
+        dg.materialize(assets, selection=[FOMO], instance=instance, resources=resources,
+                       partition_key=str(make_key(TILE_KEYS[0], MONTHS[0])))
+
+
+def test_unknown_tile_partition_is_refused(env):
+    instance, assets, resources, storage = env
+    instance.add_dynamic_partitions(TILES.name, ["nonsense"])
+    with pytest.raises(Exception, match="unknown tile key 'nonsense'"):
+        dg.materialize(assets, selection=[S2], instance=instance, resources=resources,
+                       partition_key=str(make_key("nonsense", "2024-06")))
+    assert not (storage.root / "composites" / "s2" / "nonsense").exists()
+
+
+def test_temporal_frames_use_nearest_available_month(tmp_path):
+    st = Storage(tmp_path)
+    for m, status in [("2024-01", "ok"), ("2024-04", "ok"), ("2024-05", "empty"), ("2024-08", "ok")]:
+        st.write_json(st.composite_manifest_path("s2", "T", m), {"status": status, "valid_fraction": 0.0 if status == "empty" else 0.9})
+    window, used = agrifm_frame_months(st, "s2", "T", "2024-08", 8)
+    assert window == ["2024-01", "2024-02", "2024-03", "2024-04", "2024-05", "2024-06", "2024-07", "2024-08"]
+    # 02 → 01 (nearer than 04); 03 → 04; 05 (empty) → 04; 06 → tie 04/08 → later; 07 → 08
+    assert used == ["2024-01", "2024-01", "2024-04", "2024-04", "2024-04", "2024-08", "2024-08", "2024-08"]
+    with pytest.raises(MissingUpstreamError, match="no s2_composite with data"):
+        agrifm_frame_months(st, "s2", "T", "2023-06", 8)
+
+
+def test_aoi_sensor_adds_tiles_once(tmp_path, monkeypatch):
+    aoi = tmp_path / "aoi.geojson"
+    aoi.write_text(json.dumps({"type": "Feature", "properties": {"subtile_k": 36}, "geometry": {
+        "type": "Polygon", "coordinates": [[[5.041, 52.638], [5.087, 52.638], [5.087, 52.646], [5.041, 52.646],
+                                            [5.041, 52.638]]]}}))
+    monkeypatch.setenv("RS_EMBED_ASSETS_AOI_FILE", str(aoi))
+    with dg.instance_for_test() as instance:
+        ctx = dg.build_sensor_context(instance=instance)
+        result = aoi_tiles_sensor(ctx)
+        assert result.dynamic_partitions_requests[0].partition_keys == TILE_KEYS
+        instance.add_dynamic_partitions(TILES.name, TILE_KEYS)
+        again = aoi_tiles_sensor(dg.build_sensor_context(instance=instance, cursor=ctx.cursor))
+        assert isinstance(again, dg.SkipReason)

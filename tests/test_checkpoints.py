@@ -1,0 +1,79 @@
+"""Checkpoint resolution: local path → cache → URL download (a real HTTP server on 127.0.0.1)."""
+
+import http.server
+import threading
+from functools import partial
+
+import pytest
+
+from adapters import CheckpointError, CheckpointSource, resolve_checkpoint, sha256_file
+
+SOURCE = CheckpointSource(filename="weights.pt", url="http://127.0.0.1:1/none", min_bytes=1000,
+                          env_prefix="RS_EMBED_TESTMODEL")
+
+
+@pytest.fixture
+def http_dir(tmp_path):
+    """Serve a directory over HTTP on a free loopback port; yields (dir, base_url)."""
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield served, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture
+def env(monkeypatch, tmp_path):
+    for name in ("CKPT", "CACHE_DIR", "CKPT_URL", "AUTO_DOWNLOAD", "CKPT_FILE", "CKPT_MIN_BYTES"):
+        monkeypatch.delenv(f"RS_EMBED_TESTMODEL_{name}", raising=False)
+    monkeypatch.setenv("RS_EMBED_TESTMODEL_CACHE_DIR", str(tmp_path / "cache"))
+    return monkeypatch
+
+
+def test_local_path_wins(env, tmp_path):
+    f = tmp_path / "mine.pt"
+    f.write_bytes(b"x" * 10)
+    env.setenv("RS_EMBED_TESTMODEL_CKPT", str(f))
+    r = resolve_checkpoint(SOURCE, model_key="testmodel")
+    assert r.origin == "local" and r.path == f.resolve()
+
+
+def test_local_path_that_does_not_exist(env, tmp_path):
+    env.setenv("RS_EMBED_TESTMODEL_CKPT", str(tmp_path / "missing.pt"))
+    with pytest.raises(CheckpointError, match="RS_EMBED_TESTMODEL_CKPT points to"):
+        resolve_checkpoint(SOURCE, model_key="testmodel")
+
+
+def test_download_then_cache_hit(env, http_dir, tmp_path):
+    served, base = http_dir
+    (served / "weights.pt").write_bytes(b"w" * 5000)
+    env.setenv("RS_EMBED_TESTMODEL_CKPT_URL", f"{base}/weights.pt?token=SECRET")
+    r = resolve_checkpoint(SOURCE, model_key="testmodel")
+    assert r.origin == "download" and r.path.read_bytes() == b"w" * 5000
+    assert "SECRET" not in r.uri, "query strings (tokens) must not reach metadata"
+    (served / "weights.pt").unlink()  # the second call must not touch the network
+    r2 = resolve_checkpoint(SOURCE, model_key="testmodel")
+    assert r2.origin == "cache" and sha256_file(r2.path) == sha256_file(r.path)
+
+
+def test_truncated_download_leaves_nothing_behind(env, http_dir, tmp_path):
+    served, base = http_dir
+    (served / "weights.pt").write_bytes(b"w" * 10)  # below min_bytes
+    env.setenv("RS_EMBED_TESTMODEL_CKPT_URL", f"{base}/weights.pt")
+    with pytest.raises(CheckpointError, match="fewer than the expected minimum 1000"):
+        resolve_checkpoint(SOURCE, model_key="testmodel")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_http_error_and_no_download(env, http_dir):
+    _, base = http_dir
+    env.setenv("RS_EMBED_TESTMODEL_CKPT_URL", f"{base}/absent.pt")
+    with pytest.raises(CheckpointError, match="downloading .* failed"):
+        resolve_checkpoint(SOURCE, model_key="testmodel")
+    env.setenv("RS_EMBED_TESTMODEL_AUTO_DOWNLOAD", "0")
+    with pytest.raises(CheckpointError, match="AUTO_DOWNLOAD=0"):
+        resolve_checkpoint(SOURCE, model_key="testmodel")
