@@ -183,7 +183,7 @@ class ScaleMAEAdapter(Adapter):
         embed_dim=1024,
         grid_size=14,
         checkpoint=SCALEMAE_CHECKPOINT,
-        licence="see MVRL/scalemae-vitlarge-800 (Scale-MAE: CC-BY-NC 4.0 research weights)",
+        licence="see the MVRL/scalemae-vitlarge-800 model card (not verified offline)",
         paper="Reed et al., Scale-MAE: A Scale-Aware Masked Autoencoder for Multiscale Geospatial "
               "Representation Learning (ICCV 2023)",
         default_batch_size={"cpu": 8, "cuda": 32},

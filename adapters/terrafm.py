@@ -382,7 +382,7 @@ class TerraFMS2Adapter(_TerraFMAdapter):
         embed_dim=768,
         grid_size=14,
         checkpoint=TERRAFM_CHECKPOINT,
-        licence="CC-BY-NC-4.0 (TerraFM weights, MBZUAI)",
+        licence="see the MBZUAI/TerraFM model card (not verified offline)",
         paper="Danish et al., TerraFM: A Scalable Foundation Model for Unified Multisensor Earth Observation (2025)",
         default_batch_size={"cpu": 8, "cuda": 64},
     )
@@ -414,7 +414,7 @@ class TerraFMS1Adapter(_TerraFMAdapter):
         embed_dim=768,
         grid_size=14,
         checkpoint=TERRAFM_CHECKPOINT,
-        licence="CC-BY-NC-4.0 (TerraFM weights, MBZUAI)",
+        licence="see the MBZUAI/TerraFM model card (not verified offline)",
         paper="Danish et al., TerraFM: A Scalable Foundation Model for Unified Multisensor Earth Observation (2025)",
         default_batch_size={"cpu": 8, "cuda": 64},
     )
