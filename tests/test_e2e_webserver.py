@@ -1,0 +1,126 @@
+"""End to end: `dagster dev` (webserver + daemon) on 127.0.0.1, a partition backfill launched through
+GraphQL exactly as the UI launches it, then the files and the DuckDB rows it produced."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+TILE_KEYS = ["31UFU-k36-r21-c12", "31UFU-k36-r21-c13"]
+PARTITIONS = [f"2024-06-01|{t}" for t in TILE_KEYS] + [f"2024-07-01|{t}" for t in TILE_KEYS]
+
+LAUNCH = """
+mutation($p: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $p) {
+  __typename ... on LaunchBackfillSuccess { backfillId }
+  ... on PythonError { message stack } ... on InvalidSubsetError { message } } }"""
+STATUS = """
+query($id: String!) { partitionBackfillOrError(backfillId: $id) {
+  __typename ... on PartitionBackfill { status runs(limit: 100) { runId status } } } }"""
+READY = "{ workspaceOrError { __typename ... on Workspace { locationEntries { name locationOrLoadError { __typename "\
+        "... on PythonError { message } } } } } }"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _reset_signals():  # the parent may ignore SIGTERM/SIGINT; give the server default handlers
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def dagster_dev(tmp_path):
+    import dagster as dg
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        instance.add_dynamic_partitions("tiles", TILE_KEYS)
+    port = _free_port()
+    env = {**os.environ, "DAGSTER_HOME": str(home), "RS_EMBED_ASSETS_DATA_ROOT": str(tmp_path / "data"),
+           "RS_EMBED_ASSETS_MODELS": "fomo", "RS_EMBED_FOMO_DEPTH": "2", "RS_EMBED_ALLOW_RANDOM_INIT": "1",
+           "RS_EMBED_FOMO_AUTO_DOWNLOAD": "0", "RS_EMBED_ASSETS_AOI_FILE": str(tmp_path / "no_aoi.geojson"),
+           "RS_EMBED_DEVICE": "cpu"}
+    env.pop("RS_EMBED_FOMO_CKPT", None)
+    log = open(tmp_path / "dagster_dev.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "dagster", "dev", "-w", str(REPO / "workspace.yaml"),
+                             "-h", "127.0.0.1", "-p", str(port)], cwd=REPO, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, preexec_fn=_reset_signals, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/graphql"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, (tmp_path / "dagster_dev.log").read_text()[-3000:]
+            try:
+                r = requests.post(url, json={"query": READY}, timeout=5).json()
+                entries = r["data"]["workspaceOrError"]["locationEntries"]
+                kinds = [e["locationOrLoadError"]["__typename"] for e in entries if e["locationOrLoadError"]]
+                if kinds and kinds[0] == "RepositoryLocation":
+                    break
+                assert "PythonError" not in kinds, r
+            except (requests.ConnectionError, KeyError, TypeError):
+                pass
+            assert time.time() < deadline, "dagster dev did not come up in 120 s"
+            time.sleep(1)
+        yield url, tmp_path
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def _gql(url, query, variables):
+    r = requests.post(url, json={"query": query, "variables": variables}, timeout=60)
+    r.raise_for_status()
+    body = r.json()
+    assert "errors" not in body, body["errors"]
+    return body["data"]
+
+
+@pytest.mark.slow
+def test_ui_backfill_materialises_partitions_and_catalog(dagster_dev):
+    url, tmp = dagster_dev
+    params = {"partitionNames": PARTITIONS, "fromFailure": False,
+              "assetSelection": [{"path": ["checkpoint", "fomo"]}, {"path": ["s2_composite"]},
+                                 {"path": ["s1_composite"]}, {"path": ["embeddings", "fomo"]}, {"path": ["catalog"]}]}
+    launched = _gql(url, LAUNCH, {"p": params})["launchPartitionBackfill"]
+    assert launched["__typename"] == "LaunchBackfillSuccess", launched
+    backfill_id = launched["backfillId"]
+
+    deadline = time.time() + 540
+    while True:
+        bf = _gql(url, STATUS, {"id": backfill_id})["partitionBackfillOrError"]
+        if bf["status"] in {"COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED"}:
+            break
+        assert time.time() < deadline, f"backfill still {bf['status']} after 9 min: {bf['runs']}"
+        time.sleep(3)
+    assert bf["status"] in {"COMPLETED", "COMPLETED_SUCCESS"}, (bf, (tmp / "dagster_dev.log").read_text()[-4000:])
+    assert all(r["status"] == "SUCCESS" for r in bf["runs"]), bf["runs"]
+
+    data = tmp / "data"
+    for p in PARTITIONS:
+        month, tile = p[:7], p.split("|")[1]
+        assert (data / "composites" / "s2" / tile / f"{month}.zarr").is_dir()
+        assert (data / "composites" / "s1" / tile / f"{month}.zarr").is_dir()
+        assert (data / "embeddings" / "fomo" / "vectors" / f"month={month}" / f"tile={tile}.parquet").is_file()
+        assert (data / "embeddings" / "fomo" / "grid" / tile / f"{month}.zarr").is_dir()
+    with duckdb.connect(str(data / "catalog.duckdb"), read_only=True) as con:
+        assert con.execute("SELECT count(*), count(DISTINCT tile), count(DISTINCT month) FROM vectors_fomo"
+                           ).fetchone() == (64, 2, 2)
+        assert con.execute("SELECT count(*) FROM manifest WHERE checkpoint_random_init").fetchone()[0] == 4
