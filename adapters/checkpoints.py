@@ -122,8 +122,11 @@ def _resolve_hf(source: CheckpointSource, *, allow: bool, min_bytes: int) -> Res
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     uri = f"hf://{source.hf_repo}/{source.filename}"
+    # huggingface_hub reads its cache variables once at import; read them at call time instead
+    cache_dir = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or (
+        str(Path(os.environ["HF_HOME"]) / "hub") if os.environ.get("HF_HOME") else None)
     try:
-        path = Path(hf_hub_download(source.hf_repo, source.filename, local_files_only=True))
+        path = Path(hf_hub_download(source.hf_repo, source.filename, local_files_only=True, cache_dir=cache_dir))
         origin = "hf_cache"
     except LocalEntryNotFoundError:
         if not allow:
@@ -132,7 +135,7 @@ def _resolve_hf(source: CheckpointSource, *, allow: bool, min_bytes: int) -> Res
                 f"{source.env_prefix}_CKPT to a local copy or allow the download"
             ) from None
         try:
-            path = Path(hf_hub_download(source.hf_repo, source.filename))
+            path = Path(hf_hub_download(source.hf_repo, source.filename, cache_dir=cache_dir))
         except Exception as exc:  # hub raises many HTTP/offline error types
             raise CheckpointError(f"downloading {uri} failed ({type(exc).__name__}: {exc}); check network/"
                                   f"HF_TOKEN, or set {source.env_prefix}_CKPT to a local copy") from exc
