@@ -185,3 +185,50 @@ def test_aoi_sensor_adds_tiles_once(tmp_path, monkeypatch):
         instance.add_dynamic_partitions(TILES.name, TILE_KEYS)
         again = aoi_tiles_sensor(dg.build_sensor_context(instance=instance, cursor=ctx.cursor))
         assert isinstance(again, dg.SkipReason)
+
+
+def test_every_model_materialises_through_the_graph(tmp_path, small_fomo, monkeypatch):
+    """All six embedding assets (five models, TerraFM on S2 and S1) on one 549 px sub-tile.
+
+    AgriFM reads the 8 months M-7 … M; two of them are left unmaterialised to exercise the
+    nearest-available-month rule, which the manifest must record.
+    """
+    import adapters
+    from rs_embed_assets.composite import shift_month
+    from rs_embed_assets.definitions import defs
+
+    for m in adapters.list_models():
+        prefix = adapters.get_spec(m).checkpoint.env_prefix
+        monkeypatch.setenv(f"{prefix}_AUTO_DOWNLOAD", "0")
+        monkeypatch.delenv(f"{prefix}_CKPT", raising=False)
+    tile, month = "31UFU-k20-r11-c07", "2024-09"
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(TILES.name, [tile])
+    storage = Storage(tmp_path / "data")
+    resources = {**defs.resources, "storage": StorageResource(root=str(storage.root)),
+                 "provider": ProviderResource(kind="sample"),
+                 "checkpoint_policy": CheckpointPolicyResource(allow_random_init=True)}
+    assets = list(defs.assets)
+    ckpts = [a.key for a in assets if a.key.path[0] == "checkpoint"]
+    assert len(ckpts) == 5  # terrafm_b and terrafm_b_s1 share one checkpoint
+    assert dg.materialize(assets, selection=ckpts, instance=instance, resources=resources).success
+    history = [shift_month(month, -k) for k in range(7, -1, -1)]
+    for m in history:
+        if m in ("2024-04", "2024-05"):
+            continue
+        assert dg.materialize(assets, selection=[S2, S1], instance=instance, resources=resources,
+                              partition_key=str(make_key(tile, m))).success
+    models = adapters.list_models()
+    res = dg.materialize(assets, selection=[dg.AssetKey(["embeddings", m]) for m in models], instance=instance,
+                         resources=resources, partition_key=str(make_key(tile, month)))
+    assert res.success
+    expected = {"fomo": (64, (768, 32, 32)), "terrafm_b": (4, (768, 28, 28)), "terrafm_b_s1": (4, (768, 28, 28)),
+                "scalemae_rgb": (4, (1024, 28, 28)), "agrifm": (4, (1024, 28, 28)), "dynamicvis": (1, (768, 16, 16))}
+    for m in models:
+        man = json.loads(storage.manifest_path(m, tile, month).read_text())
+        assert (man["rows"], tuple(man["grid_shape"])) == expected[m], m
+    agri = json.loads(storage.manifest_path("agrifm", tile, month).read_text())
+    assert agri["window_months"] == history
+    assert agri["frame_months"] == ["2024-02", "2024-03", "2024-03", "2024-06", "2024-06", "2024-07", "2024-08", "2024-09"]
+    assert agri["distinct_frames"] == 6
+    assert all(c.passed for c in res.get_asset_check_evaluations())
