@@ -48,7 +48,7 @@ from .base import AdapterError
 
 SCAN_CHOICES = ("auto", "torch", "sequential", "cuda")
 SCAN_IMPLS = ("torch", "sequential", "cuda")
-DEFAULT_CHUNK = 32
+DEFAULT_CHUNK = 16  # best or near-best at all four DynamicVis-B stage sizes in benchmarks/results/mamba_scan.json
 DEFAULT_BLOCK_BYTES = 4 << 20  # per-block state tensor size of the chunked scan
 
 

@@ -98,7 +98,7 @@ def bench_scans(device: str, repeats: int) -> list[dict]:
     return rows
 
 
-def bench_full(device: str) -> dict:
+def bench_full(device: str, repeats: int) -> dict:
     from adapters.checkpoints import randomize_parameters
     from adapters.dynamicvis import DynamicVisBackbone, DynamicVisConfig
 
@@ -113,14 +113,16 @@ def bench_full(device: str) -> dict:
             mixer.set_scan(impl)
         with torch.inference_mode():
             first = None
-            if impl == "torch":  # first call (allocator/first-touch costs) and a warm call
+            if impl == "torch":  # first call (allocator/first-touch costs), then the best of warm calls
                 out, first = timed(lambda: model(x)[-1], 1, sync)
-            out, tm = timed(lambda: model(x)[-1], 1, sync)
+            out, tm = timed(lambda: model(x)[-1], repeats, sync)
         if first is not None:
             tm["first_call"] = first
         outs[impl] = out
         result[impl] = tm
         print(impl, tm, flush=True)
+    # with randomize_parameters' small weights the Mamba branch barely moves the map: scan parity is measured
+    # per stage above, this only confirms that both scans give the same network output
     result["torch_vs_sequential_max_abs_diff"] = float((outs["torch"] - outs["sequential"]).abs().max())
     result["grid_shape"] = list(outs["torch"].shape[1:])
     return result
@@ -129,18 +131,18 @@ def bench_full(device: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-full", action="store_true", help="skip the full-model forward timings")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "mamba_scan.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     result = {"machine": machine_info(), "scans": bench_scans("cpu", args.repeats)}
     if not args.no_full:
-        result["full_forward"] = {"cpu": bench_full("cpu")}
+        result["full_forward"] = {"cpu": bench_full("cpu", max(1, args.repeats - 1))}
     if torch.cuda.is_available():
         result["scans"] += bench_scans("cuda", args.repeats)
         if not args.no_full:
-            result["full_forward"]["cuda"] = bench_full("cuda")
+            result["full_forward"]["cuda"] = bench_full("cuda", args.repeats)
     result["machine"]["loadavg_end"] = list(os.getloadavg())
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -35,11 +35,12 @@ def _has_files(pattern_root: Path, suffix: str) -> bool:
     return pattern_root.exists() and any(pattern_root.rglob(f"*{suffix}"))
 
 
-def build_catalog(storage: Storage) -> dict[str, Any]:
-    """(Re)create views, tables and macros; returns counts per model."""
+def build_catalog(storage: Storage, db_path: Path | None = None) -> dict[str, Any]:
+    """(Re)create views, tables and macros in a new file that replaces ``db_path`` atomically."""
     t0 = time.perf_counter()
-    storage.root.mkdir(parents=True, exist_ok=True)
-    tmp = storage.catalog_path.with_name(".catalog.duckdb.tmp")
+    db_path = Path(db_path) if db_path else storage.catalog_path
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = db_path.with_name(f".{db_path.name}.tmp")
     if tmp.exists():
         tmp.unlink()
     con = duckdb.connect(str(tmp))
@@ -109,14 +110,13 @@ def build_catalog(storage: Storage) -> dict[str, Any]:
     finally:
         con.close()
     # the catalog only holds views/macros/small tables: rebuilding and swapping it is atomic and cheap
-    storage.catalog_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp.replace(storage.catalog_path)
+    tmp.replace(db_path)
     wal = tmp.with_name(tmp.name + ".wal")
     if wal.exists():
         wal.unlink()
     return {"rows_per_model": counts, "models": views, "manifest_rows": n_manifest,
             "composite_rows": n_composites, "seconds": round(time.perf_counter() - t0, 3),
-            "path": str(storage.catalog_path)}
+            "path": str(db_path)}
 
 
 def connect_readonly(path: str | Path) -> duckdb.DuckDBPyConnection:

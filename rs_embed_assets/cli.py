@@ -98,8 +98,9 @@ def run_demo(*, data_root: str, bbox: str = DEMO_BBOX, months=DEMO_MONTHS, k: in
     print(f"tiles: {', '.join(tiles)}; months: {', '.join(months)}")
     assets = list(defs.assets)
     resources = defs.resources
+    quiet = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
     ckpt = dg.AssetKey(["checkpoint", model])
-    dg.materialize(assets, selection=[ckpt], instance=instance, resources=resources)
+    dg.materialize(assets, selection=[ckpt], instance=instance, resources=resources, run_config=quiet)
     storage = Storage(os.environ["RS_EMBED_ASSETS_DATA_ROOT"])
     if read_checkpoint_record(storage, model)["random_init"]:
         print(f"!! checkpoint/{model}: RANDOM-INIT demo weights (the published file is not available offline). "
@@ -107,10 +108,11 @@ def run_demo(*, data_root: str, bbox: str = DEMO_BBOX, months=DEMO_MONTHS, k: in
     selection = [dg.AssetKey("s2_composite"), dg.AssetKey("s1_composite"), dg.AssetKey(["embeddings", model])]
     ordered = sorted(tiles)
     start, end = make_key(ordered[0], months[0]), make_key(ordered[-1], months[-1])
-    dg.materialize(assets, selection=selection, instance=instance, resources=resources,
+    dg.materialize(assets, selection=selection, instance=instance, resources=resources, run_config=quiet,
                    tags={"dagster/asset_partition_range_start": str(start),
                          "dagster/asset_partition_range_end": str(end)})
-    dg.materialize(assets, selection=[dg.AssetKey("catalog")], instance=instance, resources=resources)
+    dg.materialize(assets, selection=[dg.AssetKey("catalog")], instance=instance, resources=resources,
+                   run_config=quiet)
     db = storage.catalog_path
     with connect_readonly(db) as con:
         summary = con.execute("SELECT model, count(*) AS chips, count(DISTINCT tile) AS tiles, "
@@ -118,7 +120,7 @@ def run_demo(*, data_root: str, bbox: str = DEMO_BBOX, months=DEMO_MONTHS, k: in
         query_chip, query_month = con.execute(
             "SELECT chip_id, month FROM vectors WHERE model = ? ORDER BY tile, month, chip_row, chip_col LIMIT 1",
             [model]).fetchone()
-        sql = "SELECT chip_id, month, round(similarity, 4) AS sim FROM similar_chips(?, ?, ?, ?)"
+        sql = "SELECT chip_id, month, round(similarity::DOUBLE, 4) AS sim FROM similar_chips(?, ?, ?, ?)"
         rows = con.execute(sql, [model, query_chip, str(query_month), top]).fetchall()
     print(f"catalog: {db}")
     for m, chips, nt, nm in summary:

@@ -101,12 +101,20 @@ class ModelResource(dg.ConfigurableResource):
 
 
 class CatalogResource(dg.ConfigurableResource):
-    """Read-only access to ``catalog.duckdb`` for sensors, checks and notebooks."""
+    """The DuckDB catalog file: written only by the ``catalog`` asset, opened read-only by everyone else.
 
-    path: str = ""
+    ``path`` defaults to ``<storage root>/catalog.duckdb``.
+    """
 
-    def connect(self, storage: Storage | None = None):
-        return connect_readonly(self.path or (storage.catalog_path if storage else "data/catalog.duckdb"))
+    path: str = _env("RS_EMBED_ASSETS_CATALOG", "")
+
+    def db_path(self, storage: Storage):
+        from pathlib import Path
+
+        return Path(self.path).expanduser().resolve() if self.path else storage.catalog_path
+
+    def connect(self, storage: Storage):
+        return connect_readonly(self.db_path(storage))
 
 
 def model_resource_key(model_id: str) -> str:
@@ -118,6 +126,7 @@ def default_resources() -> dict[str, Any]:
         "storage": StorageResource(),
         "provider": ProviderResource(),
         "checkpoint_policy": CheckpointPolicyResource(),
+        "catalog_db": CatalogResource(),
     }
     for model_id in enabled_models():
         res[model_resource_key(model_id)] = ModelResource(model_id=model_id)

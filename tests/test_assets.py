@@ -16,7 +16,8 @@ from rs_embed_assets.assets.embeddings import build_embedding_asset
 from rs_embed_assets.automation import aoi_tiles_sensor
 from rs_embed_assets.materialize import MissingUpstreamError, agrifm_frame_months
 from rs_embed_assets.partitions import TILES, make_key
-from rs_embed_assets.resources import (CheckpointPolicyResource, ModelResource, ProviderResource, StorageResource)
+from rs_embed_assets.resources import (CatalogResource, CheckpointPolicyResource, ModelResource, ProviderResource,
+                                       StorageResource)
 from rs_embed_assets.storage import Storage
 
 TILE_KEYS = ["31UFU-k36-r21-c12", "31UFU-k36-r21-c13"]
@@ -44,6 +45,7 @@ def env(tmp_path, small_fomo):
         "provider": ProviderResource(kind="sample"),
         "checkpoint_policy": CheckpointPolicyResource(allow_random_init=True),
         "model_fomo": ModelResource(model_id="fomo", device="cpu", batch_size=8),
+        "catalog_db": CatalogResource(),
     }
     return instance, assets, resources, Storage(tmp_path / "data")
 

@@ -5,7 +5,7 @@ import dagster as dg
 from ..settings import enabled_models
 
 from ..catalog import build_catalog
-from ..resources import StorageResource
+from ..resources import CatalogResource, StorageResource
 
 
 @dg.asset(
@@ -22,8 +22,10 @@ from ..resources import StorageResource
                  "similar_chips(model, chip_id, month, k), nearest_to_vector(model, vec, k), "
                  "chip_timeseries(model, chip_id). Rebuilt atomically; open it read-only."),
 )
-def catalog(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
-    summary = build_catalog(storage.get())
+def catalog(context: dg.AssetExecutionContext, storage: StorageResource,
+            catalog_db: CatalogResource) -> dg.MaterializeResult:
+    st = storage.get()
+    summary = build_catalog(st, catalog_db.db_path(st))
     context.log.info(f"catalog rebuilt: {summary}")
     return dg.MaterializeResult(metadata={
         "path": dg.MetadataValue.path(summary["path"]),
