@@ -3,8 +3,9 @@
 A Sentinel-2 tile (granule) is the MGRS 100 km square extended to 109.8 km (10 980 px at 10 m)
 to the east and south, so neighbouring tiles overlap by 9.8 km. Its upper-left corner is the
 north-west corner of the 100 km square snapped to the 60 m lattice of the coarsest S2 bands
-(easting floored, true northing ceiled). The square comes from the MGRS library (GeoTrans), the
+(easting floored, true northing ceiled). The square follows from the MGRS lettering rules, the
 UTM geometry from PROJ; tests check the corners against ESA's published tiling grid.
+Sentinel-2 uses the regular 6° UTM zones everywhere (no Norway/Svalbard exceptions), and so do we.
 
 Tile keys are stable strings:
 
@@ -14,13 +15,13 @@ Tile keys are stable strings:
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -108,13 +109,6 @@ def utm_to_lonlat(epsg: int, x, y) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(lon), np.asarray(lat)
 
 
-@lru_cache(maxsize=1)
-def _mgrs():
-    import mgrs
-
-    return mgrs.MGRS()
-
-
 # --- tiles -----------------------------------------------------------------------------------------
 _COL_LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZ"  # 24 letters, no I/O: three sets of 8 by zone
 _ROW_LETTERS = "ABCDEFGHJKLMNPQRSTUV"  # 20 letters, repeating every 2 000 km
@@ -125,6 +119,48 @@ def _band_range(band: str) -> tuple[float, float]:
     i = _BAND_LETTERS.index(band)
     lo = -80.0 + 8.0 * i
     return lo, (84.0 if band == "X" else lo + 8.0)
+
+
+@lru_cache(maxsize=1)
+def s2_tile_names() -> frozenset[str]:
+    """The MGRS squares that are Sentinel-2 tiles (ESA's tiling grid, packaged with this library).
+
+    Partial squares at UTM zone edges are not tiles: the neighbouring zone's tiles cover them.
+    """
+    from importlib.resources import files
+
+    text = gzip.decompress(files("rs_embed_assets").joinpath("data/s2_tiles.txt.gz").read_bytes()).decode()
+    names = set()
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            head, *squares = line.split()
+            names.update(head + sq for sq in squares)
+    return frozenset(names)
+
+
+def lonlat_to_square(lon: np.ndarray, lat: np.ndarray, zone_offset: int = 0) -> list[str]:
+    """MGRS 100 km square ids (``31UFU``) of points, in the plain UTM zones that Sentinel-2 uses.
+
+    Unlike MGRS proper, the Norway/Svalbard zone exceptions are not applied: Sentinel-2 names its
+    tiles in the regular 6° zones (there is a 31VED tile, no 32VJM). ``zone_offset`` ±1 names the
+    square of the neighbouring zone's grid that the point falls in.
+    """
+    lon = np.asarray(lon, dtype=float)
+    lat = np.asarray(lat, dtype=float)
+    zone = (np.floor((lon + 180.0) / 6.0).astype(int) + zone_offset) % 60 + 1
+    band = np.clip(np.floor((lat + 80.0) / 8.0).astype(int), 0, len(_BAND_LETTERS) - 1)
+    out = [""] * lon.size
+    for z in np.unique(zone):
+        for north in (True, False):
+            sel = np.nonzero((zone == z) & ((lat >= 0) == north))[0]
+            if sel.size == 0:
+                continue
+            e, n = lonlat_to_utm((32600 if north else 32700) + int(z), lon[sel], lat[sel])
+            col = np.clip(np.floor(e / SQUARE_M).astype(int) - 1, 0, 7) + 8 * ((int(z) - 1) % 3)
+            row = (np.floor(np.mod(n, 2_000_000) / SQUARE_M).astype(int) + (5 if z % 2 == 0 else 0)) % 20
+            for j, i in enumerate(sel):
+                out[i] = f"{int(z):02d}{_BAND_LETTERS[band[i]]}{_COL_LETTERS[col[j]]}{_ROW_LETTERS[row[j]]}"
+    return out
 
 
 @lru_cache(maxsize=65536)
@@ -150,6 +186,10 @@ def mgrs_tile(name: str) -> Tile:
                         f"{_COL_LETTERS[8 * col_set:8 * col_set + 8]})")
     if row_l not in _ROW_LETTERS:
         raise TileError(f"{name!r}: row letter {row_l!r} is not an MGRS row letter")
+    if name not in s2_tile_names():
+        raise TileError(f"{name!r} is not a Sentinel-2 tile: ESA's tiling grid has no tile for that MGRS square "
+                        "(partial squares at UTM zone edges belong to the neighbouring zone's tiles); find the "
+                        "tiles of an area with `rs-embed-assets tiles for-aoi --bbox ...`")
     e0 = (ci + 1) * SQUARE_M
     row_offset = 5 if zone % 2 == 0 else 0
     n_cycle = ((_ROW_LETTERS.index(row_l) - row_offset) % 20) * SQUARE_M
@@ -319,16 +359,23 @@ def tiles_for_aoi(aoi: AOI, *, k: int = 1, max_points: int = 400_000) -> list[st
     lon, lat = aoi.sample_points(step)
     if lon.size == 0:
         raise TileError("no point of the AOI could be sampled; check that the polygon is not degenerate")
-    m = _mgrs()
     squares: dict[str, list[int]] = {}
-    for i, (lo, la) in enumerate(zip(lon, lat)):
-        try:
-            sq = m.toMGRS(float(la), float(lo), MGRSPrecision=0)
-        except Exception:
-            continue
-        squares.setdefault(sq if isinstance(sq, str) else sq.decode(), []).append(i)
+    valid = s2_tile_names()
+    todo = np.arange(lon.size)
+    for offset in (0, -1, 1):  # own zone first; partial squares at zone edges → the neighbour's tiles
+        if todo.size == 0:
+            break
+        names = lonlat_to_square(lon[todo], lat[todo], zone_offset=offset)
+        left = []
+        for i, name in zip(todo, names):
+            if name in valid and (offset == 0 or _tile_contains(mgrs_tile(name), lon[i], lat[i])):
+                squares.setdefault(name, []).append(int(i))
+            else:
+                left.append(i)
+        todo = np.asarray(left, dtype=int)
     if not squares:
-        raise TileError("the AOI lies outside every Sentinel-2 tile (MGRS covers 80°S..84°N); check the coordinates")
+        raise TileError("the AOI lies outside every Sentinel-2 tile (the S2 grid does not cover the open ocean); "
+                        "check the coordinates (lon, lat order)")
     keys: set[str] = set()
     for name, idx in squares.items():
         tile = mgrs_tile(name)
@@ -343,6 +390,12 @@ def tiles_for_aoi(aoi: AOI, *, k: int = 1, max_points: int = 400_000) -> list[st
         for r, c in set(zip(rows[ok].tolist(), cols[ok].tolist())):
             keys.add(subtile(name, k, r, c).key)
     return sorted(keys)
+
+
+def _tile_contains(tile: Tile, lon: float, lat: float) -> bool:
+    x, y = lonlat_to_utm(tile.epsg, lon, lat)
+    minx, miny, maxx, maxy = tile.bounds
+    return bool(minx <= float(x) < maxx and miny < float(y) <= maxy)
 
 
 def parse_bbox(text: str) -> AOI:
@@ -363,10 +416,3 @@ def chip_windows(height: int, width: int, chip: int) -> list[tuple[int, int, int
     """
     return [(r, c, r * chip, c * chip) for r in range(height // chip) for c in range(width // chip)]
 
-
-def keys_sorted(keys: Iterable[str]) -> list[str]:
-    return sorted(set(keys))
-
-
-def validate_keys(keys: Sequence[str]) -> list[Tile]:
-    return [parse_tile_key(k) for k in keys]

@@ -9,6 +9,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev,reference]"
+# rshf (the ScaleMAE parity reference) pulls torchaudio, whose newest PyPI build (2.11) is compiled for
+# another torch/CUDA than torch 2.15 and breaks `import transformers`. Nothing here needs audio.
+.venv/bin/python -m pip uninstall -q -y torchaudio
 # rs-embed vendors FoMo/TerraFM/AgriFM; its wheel needs Python >= 3.12 to install, so it is only
 # downloaded and unpacked, and the parity tests import the vendored files from there.
 REF=.cache/reference

@@ -58,7 +58,7 @@ def test_subtiles_partition_the_tile_exactly():
     ("31UFU-k7-r00-c00", "does not divide"),
     ("31UFU-k36-r36-c00", "outside a 36×36 split"),
     ("61UFU", "zones run 01..60"),
-    ("31UTU", "not used in zone 31"),
+    ("31NAA", "not a Sentinel-2 tile"),   # valid MGRS lettering, but a partial square ESA does not tile
 ])
 def test_bad_tile_keys_are_refused_with_the_fix(key, fragment):
     with pytest.raises(TileError, match=fragment):
@@ -70,9 +70,28 @@ def test_bbox_inside_one_square_gives_one_tile():
 
 
 def test_bbox_across_a_utm_zone_edge_gives_tiles_of_both_zones():
-    keys = tiles_for_aoi(AOI.from_bbox(5.95, 50.0, 6.05, 50.05))
-    zones = {k[:2] for k in keys}
-    assert zones == {"31", "32"}, keys
+    keys = tiles_for_aoi(AOI.from_bbox(5.8, 50.0, 6.6, 50.05))
+    assert {k[:2] for k in keys} == {"31", "32"}, keys
+
+
+def test_zone_edge_sliver_is_covered_by_the_neighbouring_zone_tile():
+    # just east of 6°E the zone-32 square 32UKA is partial and not an S2 tile; 31UGR reaches over the edge
+    assert tiles_for_aoi(AOI.from_bbox(5.95, 50.0, 6.05, 50.05)) == ["31UGR"]
+
+
+def test_partial_square_at_zone_edge_falls_to_the_neighbouring_zone():
+    # at 0.03°E, 5°N the zone-31 square is partial (no S2 tile); zone 30's 30NZL covers the point
+    assert tiles_for_aoi(AOI.from_bbox(0.01, 5.0, 0.05, 5.05)) == ["30NZL"]
+
+
+def test_open_ocean_is_refused():
+    with pytest.raises(TileError, match="open ocean"):
+        tiles_for_aoi(AOI.from_bbox(-140.0, -40.0, -139.9, -39.9))
+
+
+def test_norway_exception_is_not_applied():
+    # MGRS proper would name 32VJM here; Sentinel-2 tiles the area as 31V squares
+    assert tiles_for_aoi(AOI.from_bbox(2.5, 59.9, 3.5, 60.1)) == ["31VDG", "31VEG"]
 
 
 def test_subtiled_aoi_returns_only_touched_subtiles():

@@ -7,7 +7,6 @@ import dataclasses
 import importlib.machinery
 import math
 import sys
-import time
 import types
 
 import numpy as np
@@ -174,20 +173,15 @@ def test_sparse_mixer_matches_upstream_semantics_with_transformers_mixer():
 
 
 def test_full_size_forward_b512():
-    """arch b at 512 px, B = 1: stage-4 map (768, 16, 16) in well under the 94 s of the sequential scan."""
+    """arch b at 512 px, B = 1: stage-4 map (768, 16, 16) through the chunked scan (timings: benchmarks/)."""
     adapter = DynamicVisAdapter(randomize_parameters(DynamicVisBackbone(DynamicVisConfig()), seed=0),
                                 DynamicVisConfig())
     assert adapter.scan_impl == "torch"
     x = torch.randn(1, 3, 512, 512)
-    start_wall, start_cpu = time.perf_counter(), time.process_time()
     out = adapter.embed(x)
-    wall, cpu = time.perf_counter() - start_wall, time.process_time() - start_cpu
     assert out.grid.shape == (1, 768, 16, 16) and out.pooled.shape == (1, 768)
     assert torch.isfinite(out.grid).all()
     assert torch.allclose(out.pooled, out.grid.mean(dim=(2, 3)))
-    print(f"full-size DynamicVis-B forward: wall {wall:.1f} s, cpu {cpu:.1f} s")
-    # CPU seconds are robust to other processes sharing the cores; 2 threads -> ~2x wall on an idle machine
-    assert cpu < 80, f"full-size forward used {cpu:.1f} CPU s (wall {wall:.1f} s)"
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------------
