@@ -179,11 +179,8 @@ def materialize_embeddings(storage: Storage, adapter, tile_key: str, month: str,
         window, used = agrifm_frame_months(storage, spec.sensor, tile.key, month, adapter.frames)
     else:
         window, used = [month], [month]
-    frames = [read_composite(storage, spec.sensor, tile.key, m) for m in used]
-    cache: dict[str, xr.Dataset] = {}
-    for m, ds in zip(used, frames):
-        cache.setdefault(m, ds)
-    frames = [cache[m] for m in used]
+    loaded = {m: read_composite(storage, spec.sensor, tile.key, m) for m in dict.fromkeys(used)}
+    frames = [loaded[m] for m in used]
     composite_versions = [str(ds.attrs.get("content_hash", "")) for ds in frames]
     provenance = {
         "checkpoint_sha256": checkpoint["sha256"], "checkpoint_random_init": bool(checkpoint["random_init"]),
@@ -193,8 +190,8 @@ def materialize_embeddings(storage: Storage, adapter, tile_key: str, month: str,
         "provider": str(frames[0].attrs.get("provider", "")), "synthetic": bool(frames[0].attrs.get("synthetic", 0)),
         "device": str(adapter.device), "dtype": str(adapter.dtype).replace("torch.", ""),
     }
-    if any(ds.attrs.get("status") == "empty" for ds in frames) and spec.frames == 1:
-        log_fn and log_fn(f"{spec.model_id} {tile.key} {month}: composite is empty, writing 0 rows")
+    if log_fn is not None and spec.frames == 1 and frames[0].attrs.get("status") == "empty":
+        log_fn(f"{spec.model_id} {tile.key} {month}: composite is empty, writing 0 rows")
     result = embed_tile(adapter, frames, tile=tile, month=month, provenance=provenance, pooling=settings.pooling,
                         batch_size=settings.batch_size, min_valid_fraction=settings.min_valid_fraction, log=log_fn)
     vpath = storage.vectors_path(spec.model_id, tile.key, month)

@@ -11,7 +11,6 @@ import threading
 from typing import Any, Optional
 
 import dagster as dg
-from pydantic import PrivateAttr
 
 import adapters
 
@@ -79,8 +78,6 @@ class ModelResource(dg.ConfigurableResource):
     batch_size: int = int(_env("RS_EMBED_BATCH_SIZE", "0"))
     pooling: str = "mean"
     min_valid_fraction: float = 0.0
-
-    _checkpoint: dict = PrivateAttr(default_factory=dict)
 
     def load(self, storage: Storage) -> tuple[adapters.Adapter, dict[str, Any]]:
         spec = adapters.get_spec(self.model_id)

@@ -234,3 +234,19 @@ def test_every_model_materialises_through_the_graph(tmp_path, small_fomo, monkey
     assert agri["frame_months"] == ["2024-02", "2024-03", "2024-03", "2024-06", "2024-06", "2024-07", "2024-08", "2024-09"]
     assert agri["distinct_frames"] == 6
     assert all(c.passed for c in res.get_asset_check_evaluations())
+
+
+def test_empty_composite_is_a_recorded_outcome_not_a_crash(env, tmp_path):
+    """A month without imagery (here: the local provider finds no file) gives status=empty composites and
+    zero-row embeddings, and the backfill goes on."""
+    instance, assets, resources, storage = env
+    resources = {**resources, "provider": ProviderResource(kind="local", options={"root": str(tmp_path / "none")})}
+    assert dg.materialize(assets, selection=[CKPT], instance=instance, resources=resources).success
+    key = str(make_key(TILE_KEYS[0], MONTHS[0]))
+    res = dg.materialize(assets, selection=[S2, FOMO], instance=instance, resources=resources, partition_key=key)
+    assert res.success
+    comp = json.loads(storage.composite_manifest_path("s2", TILE_KEYS[0], MONTHS[0]).read_text())
+    assert comp["status"] == "empty" and "no file at" in comp["provider_info"]
+    assert pq.read_table(storage.vectors_path("fomo", TILE_KEYS[0], MONTHS[0])).num_rows == 0
+    mat = [e for e in res.get_asset_materialization_events() if e.asset_key == S2][0].materialization
+    assert mat.metadata["status"].value == "empty"
