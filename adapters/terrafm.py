@@ -368,24 +368,22 @@ class _TerraFMAdapter(Adapter):
         return spec
 
 
+# fields shared by the S2 and S1 models (one network, one checkpoint)
+_TERRAFM_SPEC = ModelSpec(
+    model_id="terrafm_b", checkpoint_id="terrafm_b", description="", sensor="s2", bands=S2_BANDS,
+    chip_size=224, image_size=224, embed_dim=768, grid_size=14, checkpoint=TERRAFM_CHECKPOINT,
+    licence="see the MBZUAI/TerraFM model card (not verified offline)",
+    paper="Danish et al., TerraFM: A Scalable Foundation Model for Unified Multisensor Earth Observation (2025)",
+    default_batch_size={"cpu": 8, "cuda": 64},
+)
+
+
 class TerraFMS2Adapter(_TerraFMAdapter):
     stem_kind = "s2"
-    spec = ModelSpec(
-        model_id="terrafm_b",
-        checkpoint_id="terrafm_b",
+    spec = dataclasses.replace(
+        _TERRAFM_SPEC, model_id="terrafm_b", sensor="s2", bands=S2_BANDS,
         description="TerraFM-B on the 12-band Sentinel-2 L2A composite: pooled = CLS token after the final norm, "
-                    "grid = final-normed 16 px patch tokens (160 m cells). Stem: RS_EMBED_TERRAFM_S2_STEM.",
-        sensor="s2",
-        bands=S2_BANDS,
-        chip_size=224,
-        image_size=224,
-        embed_dim=768,
-        grid_size=14,
-        checkpoint=TERRAFM_CHECKPOINT,
-        licence="see the MBZUAI/TerraFM model card (not verified offline)",
-        paper="Danish et al., TerraFM: A Scalable Foundation Model for Unified Multisensor Earth Observation (2025)",
-        default_batch_size={"cpu": 8, "cuda": 64},
-    )
+                    "grid = final-normed 16 px patch tokens (160 m cells). Stem: RS_EMBED_TERRAFM_S2_STEM.")
 
     def preprocess(self, raw: np.ndarray, *, bands: tuple[str, ...] | None = None,
                    tile_context: dict[str, Any] | None = None) -> torch.Tensor:
@@ -402,22 +400,10 @@ class TerraFMS2Adapter(_TerraFMAdapter):
 
 class TerraFMS1Adapter(_TerraFMAdapter):
     stem_kind = "s1"
-    spec = ModelSpec(
-        model_id="terrafm_b_s1",
-        checkpoint_id="terrafm_b",
+    spec = dataclasses.replace(
+        _TERRAFM_SPEC, model_id="terrafm_b_s1", sensor="s1", bands=S1_BANDS,
         description="TerraFM-B on the Sentinel-1 VV/VH (linear) composite: log1p + 99th-percentile scaling "
-                    "(RS_EMBED_TERRAFM_S1_SCALING), pooled = CLS after the final norm, grid = normed patch tokens.",
-        sensor="s1",
-        bands=S1_BANDS,
-        chip_size=224,
-        image_size=224,
-        embed_dim=768,
-        grid_size=14,
-        checkpoint=TERRAFM_CHECKPOINT,
-        licence="see the MBZUAI/TerraFM model card (not verified offline)",
-        paper="Danish et al., TerraFM: A Scalable Foundation Model for Unified Multisensor Earth Observation (2025)",
-        default_batch_size={"cpu": 8, "cuda": 64},
-    )
+                    "(RS_EMBED_TERRAFM_S1_SCALING), pooled = CLS after the final norm, grid = normed patch tokens.")
 
     def tile_context(self, raw_tile: np.ndarray, *, bands: tuple[str, ...] | None = None) -> dict[str, Any]:
         """With tile scaling: the joint 99th percentile of log1p(VV, VH) over the whole tile composite."""

@@ -36,6 +36,14 @@ def load_rs_embed_vendor(name: str) -> ModuleType:
     return module
 
 
+def assert_close(ours: torch.Tensor, ref: torch.Tensor, *, rtol: float = 1e-5) -> float:
+    """Parity check scaled to the reference's magnitude; returns the max abs difference."""
+    diff = (ours - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    assert diff <= rtol * max(scale, 1.0), f"max abs diff {diff:.3g} (reference magnitude {scale:.3g})"
+    return diff
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

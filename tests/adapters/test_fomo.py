@@ -7,7 +7,7 @@ import torch
 from adapters import AdapterError, CheckpointError, create_adapter, get_spec
 from adapters.checkpoints import randomize_parameters
 from adapters.fomo import DEFAULT_S2_KEYS, FomoAdapter, FomoConfig, S2_BANDS
-from tests.conftest import load_rs_embed_vendor
+from conftest import load_rs_embed_vendor
 
 
 def _reference(depth: int):

@@ -15,6 +15,7 @@ from PIL import Image
 from torch import nn
 
 import adapters
+from conftest import assert_close
 from adapters.base import AdapterError, CheckpointError, load_strict
 from adapters.checkpoints import randomize_parameters, resolve_checkpoint
 from adapters.scalemae import (IMAGENET_MEAN, IMAGENET_STD, RGB_BANDS, ScaleMAEAdapter, ScaleMAEConfig, ScaleMAEViT,
@@ -61,13 +62,6 @@ def small_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("scalemae") / "pytorch_model.bin"
     torch.save(ref.state_dict(), path)
     return cfg, ref, path
-
-
-def assert_close(ours: torch.Tensor, ref: torch.Tensor, *, rtol: float = 1e-5) -> float:
-    diff = (ours - ref).abs().max().item()
-    scale = ref.abs().max().item()
-    assert diff <= rtol * max(scale, 1.0), f"max abs diff {diff:.3g} (reference magnitude {scale:.3g})"
-    return diff
 
 
 # --- position embedding ------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import adapters
 from adapters.base import AdapterError, CheckpointError, load_strict
 from adapters.checkpoints import randomize_parameters, resolve_checkpoint
 from adapters.terrafm import S1_BANDS, S2_BANDS, TerraFMConfig, TerraFMS1Adapter, TerraFMS2Adapter
-from conftest import load_rs_embed_vendor
+from conftest import assert_close, load_rs_embed_vendor
 
 # a small TerraFM (same structure, 2 blocks, width 48) keeps the parity tests fast
 SMALL = dict(embed_dim=48, depth=2, num_heads=4, pretrain_image_size=64, image_size=64)
@@ -60,13 +60,6 @@ def small_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("terrafm") / "TerraFM-B.pth"
     torch.save(model.state_dict(), path)
     return cfg, model, path
-
-
-def assert_close(ours: torch.Tensor, ref: torch.Tensor, *, rtol: float = 1e-5) -> float:
-    diff = (ours - ref).abs().max().item()
-    scale = ref.abs().max().item()
-    assert diff <= rtol * max(scale, 1.0), f"max abs diff {diff:.3g} (reference magnitude {scale:.3g})"
-    return diff
 
 
 # --- parity ------------------------------------------------------------------------------------------
