@@ -355,7 +355,8 @@ class Adapter:
         return int(getattr(self.config, "frames", self.spec.frames))
 
     def batch_size(self) -> int:
-        return int(self.spec.default_batch_size.get(self.device.type, 8))
+        """The config's ``batch_size`` knob (RS_EMBED_<MODEL>_BATCH_SIZE) if set, else the device default."""
+        return int(getattr(self.config, "batch_size", 0) or self.spec.default_batch_size.get(self.device.type, 8))
 
     # --- provenance ---------------------------------------------------------------------
     def preprocessing_spec(self) -> dict[str, Any]:

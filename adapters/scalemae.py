@@ -212,9 +212,6 @@ class ScaleMAEAdapter(Adapter):
     def published_state_dict(cls, model: nn.Module) -> dict[str, torch.Tensor]:
         return {PREFIX + k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    def batch_size(self) -> int:
-        return self.config.batch_size or super().batch_size()
-
     def default_input_res_m(self) -> float:
         """Ground resolution of a full chip of the 10 m grid after resizing to the network size."""
         return self.spec.source_resolution_m * self.spec.chip_size / self.config.image_size

@@ -330,9 +330,6 @@ class _TerraFMAdapter(Adapter):
     def published_state_dict(cls, model: nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    def batch_size(self) -> int:
-        return self.config.batch_size or super().batch_size()
-
     @property
     def stem(self) -> str:
         return "s1" if self.stem_kind == "s1" else self.config.s2_stem
