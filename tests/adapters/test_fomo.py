@@ -151,3 +151,22 @@ def test_env_knobs(monkeypatch):
 def test_spec():
     spec = get_spec("fomo")
     assert spec.bands == S2_BANDS and spec.chip_size == 64 and spec.grid_resolution_m == 160.0
+
+
+def test_device_and_dtype_selection_on_cpu(small_ckpt):
+    """The GPU code path's knobs, exercised where CI can: reduced precision runs, CUDA fails clearly."""
+    _, path = small_ckpt
+    cfg = FomoConfig(depth=2)
+    raw = _raw(2)
+    ref = FomoAdapter.from_checkpoint(path, config=cfg).embed_raw(raw)
+    bf16 = FomoAdapter.from_checkpoint(path, config=cfg, dtype="bfloat16")
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    out = bf16.embed_raw(raw)
+    assert out.pooled.dtype == torch.float32  # outputs are always handed back as float32
+    cos = torch.nn.functional.cosine_similarity(out.pooled, ref.pooled).min()
+    assert cos > 0.99, f"bfloat16 embeddings drift from float32 (cosine {cos:.4f})"
+    if not torch.cuda.is_available():
+        with pytest.raises(AdapterError, match="CUDA is not available"):
+            FomoAdapter.from_checkpoint(path, config=cfg, device="cuda")
+    with pytest.raises(AdapterError, match="unknown dtype"):
+        FomoAdapter.from_checkpoint(path, config=cfg, dtype="float8")
