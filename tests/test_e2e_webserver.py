@@ -85,6 +85,9 @@ def dagster_dev(tmp_path):
         log.close()
 
 
+GRAPH = "{ assetNodes { assetKey { path } groupName kinds description isPartitioned } }"
+
+
 def _gql(url, query, variables):
     r = requests.post(url, json={"query": query, "variables": variables}, timeout=60)
     r.raise_for_status()
@@ -96,6 +99,15 @@ def _gql(url, query, variables):
 @pytest.mark.slow
 def test_ui_backfill_materialises_partitions_and_catalog(dagster_dev):
     url, tmp = dagster_dev
+    # what the UI's asset graph shows: groups, kinds and descriptions for every asset
+    nodes = {"/".join(n["assetKey"]["path"]): n for n in _gql(url, GRAPH, {})["assetNodes"]}
+    assert set(nodes) == {"checkpoint/fomo", "s2_composite", "s1_composite", "embeddings/fomo", "catalog"}
+    assert nodes["embeddings/fomo"]["groupName"] == "embeddings" and nodes["embeddings/fomo"]["isPartitioned"]
+    assert {"pytorch", "parquet", "zarr"} <= set(nodes["embeddings/fomo"]["kinds"])
+    assert nodes["s2_composite"]["groupName"] == "composites" and "zarr" in nodes["s2_composite"]["kinds"]
+    assert nodes["catalog"]["kinds"] == ["duckdb"]
+    assert all(n["description"] for n in nodes.values())
+
     params = {"partitionNames": PARTITIONS, "fromFailure": False,
               "assetSelection": [{"path": ["checkpoint", "fomo"]}, {"path": ["s2_composite"]},
                                  {"path": ["s1_composite"]}, {"path": ["embeddings", "fomo"]}, {"path": ["catalog"]}]}
