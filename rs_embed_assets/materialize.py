@@ -139,19 +139,24 @@ def agrifm_frame_months(storage: Storage, sensor: str, tile_key: str, month: str
 
     Rule for gaps: a month whose composite is missing or empty (no valid pixel) is replaced by the
     nearest month of the window that has data (ties → the later month, closer to M). Returns
-    (window months, months actually used per frame). Raises when no month of the window has data.
+    (window months, months actually used per frame). When every materialised month of the window is
+    empty, all frames use the latest of them, which yields zero chips; when none is materialised,
+    MissingUpstreamError names what to materialise.
     """
     window = [shift_month(month, -k) for k in range(frames - 1, -1, -1)]
-    available = []
+    materialised, available = [], []
     for m in window:
         path = storage.composite_manifest_path(sensor, tile_key, m)
         if path.exists():
+            materialised.append(m)
             rec = storage.read_json(path)
             if rec.get("status") == "ok" and rec.get("valid_fraction", 0) > 0:
                 available.append(m)
-    if not available:
-        raise MissingUpstreamError(f"no {sensor}_composite with data for {tile_key} in {window[0]}…{window[-1]}; "
+    if not materialised:
+        raise MissingUpstreamError(f"no {sensor}_composite of {tile_key} is materialised in {window[0]}…{window[-1]}; "
                                    f"materialise {sensor}_composite for those months first")
+    if not available:  # every month of the window is empty: a recorded, empty outcome (0 chips)
+        return window, [materialised[-1]] * frames
     idx = {m: i for i, m in enumerate(window)}
     used = []
     for m in window:

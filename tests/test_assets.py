@@ -170,8 +170,11 @@ def test_temporal_frames_use_nearest_available_month(tmp_path):
     assert window == ["2024-01", "2024-02", "2024-03", "2024-04", "2024-05", "2024-06", "2024-07", "2024-08"]
     # 02 → 01 (nearer than 04); 03 → 04; 05 (empty) → 04; 06 → tie 04/08 → later; 07 → 08
     assert used == ["2024-01", "2024-01", "2024-04", "2024-04", "2024-04", "2024-08", "2024-08", "2024-08"]
-    with pytest.raises(MissingUpstreamError, match="no s2_composite with data"):
+    with pytest.raises(MissingUpstreamError, match="no s2_composite of T is materialised"):
         agrifm_frame_months(st, "s2", "T", "2023-06", 8)
+    # only empty months in the window: an empty outcome from the latest one, not an error
+    st.write_json(st.composite_manifest_path("s2", "T", "2025-06"), {"status": "empty", "valid_fraction": 0.0})
+    assert agrifm_frame_months(st, "s2", "T", "2025-07", 8)[1] == ["2025-06"] * 8
 
 
 def test_aoi_sensor_adds_tiles_once(tmp_path, monkeypatch):
