@@ -411,9 +411,12 @@ class TerraFMS1Adapter(_TerraFMAdapter):
             raise AdapterError(f"terrafm_b_s1 tile_context expects the tile composite as (C, H, W) or "
                                f"(T, C, H, W), got shape {arr.shape}")
         arr = check_raw_input(arr[None] if arr.ndim == 3 else arr, self.spec, ndim=4, bands=bands)
-        arr = _finite_or_zero(arr)
-        reject_db_input(arr, what="the S1 tile composite")
-        return {"s1_scaling": "tile", "s1_log1p_p99": log1p_p99(arr), "s1_pixels": int(arr[:, 0].size)}
+        # pixels without a valid observation (NaN in the composite) do not enter the tile statistic
+        vals = np.moveaxis(np.asarray(arr, dtype=np.float32), 1, 0).reshape(arr.shape[1], -1)
+        vals = vals[:, np.isfinite(vals).all(axis=0)]
+        reject_db_input(vals, what="the S1 tile composite")
+        p99 = log1p_p99(vals) if vals.size else 1.0
+        return {"s1_scaling": "tile", "s1_log1p_p99": p99, "s1_pixels": int(vals.shape[1])}
 
     def preprocess(self, raw: np.ndarray, *, bands: tuple[str, ...] | None = None,
                    tile_context: dict[str, Any] | None = None) -> torch.Tensor:

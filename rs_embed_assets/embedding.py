@@ -27,6 +27,8 @@ import numpy as np
 import pyarrow as pa
 import xarray as xr
 
+from adapters.base import Adapter
+
 from .composite import crs_wkt, parse_month
 from .grid import PIXEL_SIZE_M, Tile, chip_windows, utm_to_lonlat
 
@@ -104,8 +106,12 @@ def embed_tile(adapter, frames: Sequence[xr.Dataset], *, tile: Tile, month: str,
                              "use a coarser sub-tiling (smaller k) for this model")
     rows, cols = H // cs, W // cs
     temporal = spec.frames > 1
-    full = raw if temporal else raw[0]
-    tile_ctx = adapter.tile_context(full, bands=spec.bands)
+    tile_ctx: dict[str, Any] = {}
+    if type(adapter).tile_context is not Adapter.tile_context:  # only then pay for a masked copy of the tile
+        # tile-level statistics see invalid pixels as NaN, so they can leave them out
+        masked = np.where(valid[:, None], raw, np.float32(np.nan))
+        tile_ctx = adapter.tile_context(masked if temporal else masked[0], bands=spec.bands)
+        del masked
     vf = np.array([valid[:, y:y + cs, x:x + cs].mean() for _, _, y, x in windows], dtype=np.float32)
     keep = [i for i, f in enumerate(vf) if f > 0 and f >= min_valid_fraction]
     bs = batch_size or adapter.batch_size()

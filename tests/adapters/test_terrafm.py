@@ -15,7 +15,7 @@ from torch import nn
 import adapters
 from adapters.base import AdapterError, CheckpointError, load_strict
 from adapters.checkpoints import randomize_parameters, resolve_checkpoint
-from adapters.terrafm import S1_BANDS, S2_BANDS, TerraFMConfig, TerraFMS1Adapter, TerraFMS2Adapter
+from adapters.terrafm import S1_BANDS, S2_BANDS, TerraFMConfig, TerraFMS1Adapter, TerraFMS2Adapter, log1p_p99
 from conftest import assert_close, load_rs_embed_vendor
 
 # a small TerraFM (same structure, 2 blocks, width 48) keeps the parity tests fast
@@ -406,3 +406,14 @@ def dataclass_replace(cfg, **kw):
     import dataclasses
 
     return dataclasses.replace(cfg, **kw)
+
+
+def test_tile_scaling_ignores_pixels_without_observations():
+    cfg = small_config(s1_scaling="tile")
+    ad = TerraFMS1Adapter(TerraFMS1Adapter.build_model(cfg), cfg)
+    tile = np.random.default_rng(0).uniform(0.001, 0.5, size=(2, 64, 64)).astype(np.float32)
+    holes = tile.copy()
+    holes[:, :32] = np.nan  # no valid observation in the top half
+    ctx = ad.tile_context(holes, bands=S1_BANDS)
+    assert ctx["s1_pixels"] == 32 * 64
+    assert ctx["s1_log1p_p99"] == pytest.approx(log1p_p99(tile[:, 32:].reshape(2, -1)))
