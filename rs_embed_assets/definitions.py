@@ -7,7 +7,6 @@ from .assets.checkpoints import checkpoint_assets
 from .assets.composites import composite_assets
 from .assets.embeddings import embedding_assets
 from .automation import aoi_tiles_sensor, monthly_automation
-from .partitions import TILE_MONTH
 from .resources import default_resources
 
 partitioned_selection = dg.AssetSelection.groups("composites", "embeddings")
@@ -15,7 +14,6 @@ partitioned_selection = dg.AssetSelection.groups("composites", "embeddings")
 embed_job = dg.define_asset_job(
     "embed_tiles",
     selection=partitioned_selection,
-    partitions_def=TILE_MONTH,
     description="Composites and embeddings for a tile×month selection (what a UI backfill runs).",
 )
 
