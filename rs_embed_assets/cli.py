@@ -146,6 +146,20 @@ def cmd_dev(args) -> int:
     return 0
 
 
+def cmd_models(args) -> int:
+    import adapters
+
+    print(f"{'model':<14} {'sensor':<6} {'chip':>5} {'frames':>6} {'dim':>5} {'cell m':>6}  checkpoint")
+    for m in adapters.list_models():
+        s = adapters.get_spec(m)
+        src = s.checkpoint
+        where = f"hf://{src.hf_repo}/{src.filename}" if src.hf_repo else src.filename
+        print(f"{m:<14} {s.sensor:<6} {s.chip_size:>5} {s.frames:>6} {s.embed_dim:>5} {s.grid_resolution_m:>6g}  "
+              f"{where}  [{src.env_prefix}_CKPT]")
+        print(f"{'':<14} bands {','.join(s.bands)}")
+    return 0
+
+
 def cmd_similar(args) -> int:
     from .catalog import similar_chips
     from .storage import Storage
@@ -184,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=3000)
     v.set_defaults(func=cmd_dev)
+
+    m = sub.add_parser("models", help="the registered models: inputs, outputs, checkpoints")
+    m.set_defaults(func=cmd_models)
 
     s = sub.add_parser("similar", help="nearest chips to a chip, from catalog.duckdb")
     s.add_argument("--data-root", default=data_root_default)

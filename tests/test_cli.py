@@ -1,0 +1,40 @@
+"""The command line: tiles from an AOI, adding partitions, refusing bad keys, listing models."""
+
+import pytest
+
+from rs_embed_assets.cli import main
+
+
+def test_tiles_for_aoi_prints_keys(capsys):
+    assert main(["tiles", "for-aoi", "--bbox", "5.041,52.638,5.087,52.646", "--k", "36"]) == 0
+    assert capsys.readouterr().out.split() == ["31UFU-k36-r21-c12", "31UFU-k36-r21-c13"]
+
+
+def test_tiles_add_and_list_use_the_instance(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    assert main(["tiles", "add", "--bbox", "5.041,52.638,5.087,52.646", "--k", "36"]) == 0
+    assert main(["tiles", "add", "31UFU"]) == 0
+    assert main(["tiles", "add", "31UFU"]) == 0  # idempotent
+    capsys.readouterr()
+    assert main(["tiles", "list"]) == 0
+    assert capsys.readouterr().out.split() == ["31UFU-k36-r21-c12", "31UFU-k36-r21-c13", "31UFU"]
+    assert (tmp_path / "home" / "dagster.yaml").exists()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["tiles", "add", "31UFU-k7-r0-c0"], "does not divide"),
+    (["tiles", "add", "T31UFU"], "unknown tile key"),
+    (["tiles", "for-aoi", "--bbox", "5,53,4,52"], "min < max"),
+    (["tiles", "for-aoi", "--bbox=-140,-40,-139.9,-39.9"], "open ocean"),
+])
+def test_bad_input_exits_2_with_the_reason(tmp_path, monkeypatch, capsys, args, fragment):
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    assert main(args) == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_models_lists_every_adapter(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for m in ("agrifm", "dynamicvis", "fomo", "scalemae_rgb", "terrafm_b", "terrafm_b_s1"):
+        assert m in out
