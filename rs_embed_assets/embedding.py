@@ -179,14 +179,13 @@ def _vectors_table(adapter, tile, month, windows, keep, vf, pooled, prov, poolin
     maxx, miny = minx + cs * PIXEL_SIZE_M, maxy - cs * PIXEL_SIZE_M
     cx, cy = (minx + maxx) / 2, (miny + maxy) / 2
     clon, clat = utm_to_lonlat(tile.epsg, cx, cy) if n else (np.zeros(0), np.zeros(0))
-    geoms = []
-    bbox = [np.inf, np.inf, -np.inf, -np.inf]
-    for k in range(n):
-        xs = [minx[k], maxx[k], maxx[k], minx[k], minx[k]]
-        ys = [miny[k], miny[k], maxy[k], maxy[k], miny[k]]
-        lon, lat = utm_to_lonlat(tile.epsg, xs, ys)
-        geoms.append(polygon_wkb(list(zip(lon.tolist(), lat.tolist()))))
-        bbox = [min(bbox[0], lon.min()), min(bbox[1], lat.min()), max(bbox[2], lon.max()), max(bbox[3], lat.max())]
+    # chip footprints in CRS84: all corners projected in one call, rings closed (SW, SE, NE, NW, SW)
+    xs = np.stack([minx, maxx, maxx, minx, minx], axis=1)
+    ys = np.stack([miny, miny, maxy, maxy, miny], axis=1)
+    lon, lat = utm_to_lonlat(tile.epsg, xs.ravel(), ys.ravel()) if n else (np.zeros(0), np.zeros(0))
+    lon, lat = lon.reshape(n, 5), lat.reshape(n, 5)
+    geoms = [polygon_wkb(list(zip(lon[k].tolist(), lat[k].tolist()))) for k in range(n)]
+    bbox = [lon.min(), lat.min(), lon.max(), lat.max()] if n else []
     y, m = map(int, month.split("-"))
     mdate = dt.date(y, m, 1)
     schema = vectors_schema(spec.embed_dim)
