@@ -201,8 +201,10 @@ def materialize_embeddings(storage: Storage, adapter, tile_key: str, month: str,
                         batch_size=settings.batch_size, min_valid_fraction=settings.min_valid_fraction, log=log_fn)
     vpath = storage.vectors_path(spec.model_id, tile.key, month)
     gpath = storage.grid_path(spec.model_id, tile.key, month)
-    storage.write_parquet(result.vectors, vpath)
+    # each file is swapped in atomically; the grid goes first, the SQL-visible vectors next and the
+    # manifest (what the catalog's provenance table reads) last, so it never describes files not yet there
     storage.write_zarr(result.grid, gpath, chunks={"feature": spec.embed_dim, "y": 64, "x": 64})
+    storage.write_parquet(result.vectors, vpath)
     manifest = {
         "model": spec.model_id, "tile": tile.key, "month": month, "rows": result.vectors.num_rows,
         "vectors_path": str(vpath), "grid_path": str(gpath), "grid_shape": list(result.grid["embedding"].shape),
