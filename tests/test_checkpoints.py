@@ -77,3 +77,57 @@ def test_http_error_and_no_download(env, http_dir):
     env.setenv("RS_EMBED_TESTMODEL_AUTO_DOWNLOAD", "0")
     with pytest.raises(CheckpointError, match="AUTO_DOWNLOAD=0"):
         resolve_checkpoint(SOURCE, model_key="testmodel")
+
+
+class _Bookkeeping:
+    """Pickled like mmengine's message-hub objects: a class torch's weights-only loader refuses."""
+
+    def __init__(self):
+        self.history = [1.0, 2.0]
+
+
+class _Payload:
+    """A hostile pickle: unpickling would run a shell command."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.target}",))
+
+
+def test_training_checkpoint_loads_weights_without_running_pickled_code(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    import numpy as np
+    import torch
+
+    from adapters.base import read_checkpoint_file
+
+    # pickle a bookkeeping object under mmengine's module name, as a real training checkpoint holds
+    fake = types.ModuleType("mmengine_history")
+    monkeypatch.setattr(_Bookkeeping, "__module__", "mmengine_history")
+    fake._Bookkeeping = _Bookkeeping
+    monkeypatch.setitem(sys.modules, "mmengine_history", fake)
+    ckpt = {"meta": {"epoch": 170, "arr": np.arange(3)}, "message_hub": {"buf": _Bookkeeping()},
+            "state_dict": {"backbone.w": torch.ones(2, 2)}}
+    torch.save(ckpt, tmp_path / "mm.pth")
+    monkeypatch.delitem(sys.modules, "mmengine_history")  # the reader does not have mmengine installed
+    obj = read_checkpoint_file(tmp_path / "mm.pth")
+    assert torch.equal(obj["state_dict"]["backbone.w"], torch.ones(2, 2))
+    assert obj["message_hub"]["buf"].__dict__.get("history") is None  # an inert stand-in, not the class
+
+
+def test_checkpoint_with_code_payload_is_refused_and_nothing_runs(tmp_path):
+    import torch
+
+    from adapters.base import read_checkpoint_file
+
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": {"w": torch.ones(1)}, "evil": _Payload(marker)}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match="refuses to load safely"):
+        read_checkpoint_file(tmp_path / "evil.pth")
+    assert not marker.exists(), "code pickled in the checkpoint must not run"
