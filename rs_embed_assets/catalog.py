@@ -15,7 +15,6 @@ Readers open the file read-only (``connect_readonly``) so they never block the w
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -130,9 +129,3 @@ def similar_chips(path: str | Path, model: str, chip_id: str, month: str, k: int
     with connect_readonly(path) as con:
         return con.execute("SELECT * FROM similar_chips(?, ?, ?, ?)", [model, chip_id, f"{month}-01", k]).fetchall()
 
-
-def describe(path: str | Path) -> str:
-    with connect_readonly(path) as con:
-        rows = con.execute("SELECT model, count(*) AS chips, count(DISTINCT tile) AS tiles, "
-                           "count(DISTINCT month) AS months FROM vectors GROUP BY model ORDER BY model").fetchall()
-    return json.dumps([dict(zip(["model", "chips", "tiles", "months"], r)) for r in rows])

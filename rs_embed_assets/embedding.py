@@ -32,7 +32,16 @@ from adapters.base import Adapter
 from .composite import crs_wkt, parse_month
 from .grid import PIXEL_SIZE_M, Tile, chip_windows, utm_to_lonlat
 
-PACKAGE_VERSION = "0.1.0"
+
+
+def package_version() -> str:
+    """The installed distribution's version (pyproject.toml is the one place it is written)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("rs-embed-assets")
+    except PackageNotFoundError:  # running from a source tree without installing
+        return "0+unknown"
 
 
 class EmbeddingError(ValueError):
@@ -56,7 +65,7 @@ def code_version(model_id: str) -> str:
     h = hashlib.sha256()
     for obj in (inspect.getmodule(cls), adapter_base, inspect.getmodule(embed_tile)):
         h.update(inspect.getsource(obj).encode())
-    return f"{PACKAGE_VERSION}+{h.hexdigest()[:12]}"
+    return f"{package_version()}+{h.hexdigest()[:12]}"
 
 
 def polygon_wkb(coords: Sequence[tuple[float, float]]) -> bytes:
