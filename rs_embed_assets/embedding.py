@@ -78,15 +78,21 @@ def polygon_wkb(coords: Sequence[tuple[float, float]]) -> bytes:
 
 
 def _frames_array(frames: Sequence[xr.Dataset], bands: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(T, C, H, W) float32 raw values of the model's bands, and (T, H, W) validity."""
+    """(T, C, H, W) raw values of the model's bands in the composite's dtype, and (T, H, W) validity.
+
+    Kept in the stored dtype (uint16 for S2: half the memory of float32 for a whole tile); chips
+    are converted to float32 batch by batch.
+    """
     data, valid = [], []
     for ds in frames:
         missing = [b for b in bands if b not in ds["band"].values.tolist()]
         if missing:
             raise EmbeddingError(f"composite {ds.attrs.get('tile')}/{ds.attrs.get('month')} lacks bands {missing}; "
                                  f"it has {ds['band'].values.tolist()}")
-        arr = ds["data"].sel(band=list(bands)).values.astype(np.float32)
-        data.append(np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0))
+        arr = ds["data"].sel(band=list(bands)).values
+        if np.issubdtype(arr.dtype, np.floating):  # S1: pixels without observations are NaN → fill 0
+            arr = np.nan_to_num(arr.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        data.append(arr)
         valid.append(ds["valid_count"].values > 0)
     return np.stack(data), np.stack(valid)
 
@@ -118,7 +124,7 @@ def embed_tile(adapter, frames: Sequence[xr.Dataset], *, tile: Tile, month: str,
     tile_ctx: dict[str, Any] = {}
     if type(adapter).tile_context is not Adapter.tile_context:  # only then pay for a masked copy of the tile
         # tile-level statistics see invalid pixels as NaN, so they can leave them out
-        masked = np.where(valid[:, None], raw, np.float32(np.nan))
+        masked = np.where(valid[:, None], raw.astype(np.float32), np.float32(np.nan))
         tile_ctx = adapter.tile_context(masked if temporal else masked[0], bands=spec.bands)
         del masked
     vf = np.array([valid[:, y:y + cs, x:x + cs].mean() for _, _, y, x in windows], dtype=np.float32)
@@ -129,13 +135,12 @@ def embed_tile(adapter, frames: Sequence[xr.Dataset], *, tile: Tile, month: str,
     grid = np.full((spec.embed_dim, rows * g, cols * g), np.nan, dtype=np.float32)
     pooled = np.zeros((len(keep), spec.embed_dim), dtype=np.float32)
     fwd_kwargs: dict[str, Any] = {}
+    src = raw if temporal else raw[0]
     t0 = time.perf_counter()
     for start in range(0, len(keep), bs):
         idx = keep[start:start + bs]
-        if temporal:
-            batch = np.stack([raw[:, :, y:y + cs, x:x + cs] for _, _, y, x in (windows[i] for i in idx)])
-        else:
-            batch = np.stack([raw[0, :, y:y + cs, x:x + cs] for _, _, y, x in (windows[i] for i in idx)])
+        # (B, T, C, cs, cs) for temporal models, (B, C, cs, cs) otherwise
+        batch = np.stack([src[..., y:y + cs, x:x + cs] for _, _, y, x in (windows[i] for i in idx)]).astype(np.float32)
         out = adapter.embed_raw(batch, bands=spec.bands, pixel_size_m=PIXEL_SIZE_M, tile_context=tile_ctx,
                                 pooling=pooling)
         fwd_kwargs = adapter.forward_kwargs(batch.shape, pixel_size_m=PIXEL_SIZE_M)
