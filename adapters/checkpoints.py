@@ -125,6 +125,7 @@ def _resolve_hf(source: CheckpointSource, *, allow: bool, min_bytes: int) -> Res
     # huggingface_hub reads its cache variables once at import; read them at call time instead
     cache_dir = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or (
         str(Path(os.environ["HF_HOME"]) / "hub") if os.environ.get("HF_HOME") else None)
+    endpoint = os.environ.get("HF_ENDPOINT") or None  # mirrors / private hubs
     try:
         path = Path(hf_hub_download(source.hf_repo, source.filename, local_files_only=True, cache_dir=cache_dir))
         origin = "hf_cache"
@@ -135,7 +136,7 @@ def _resolve_hf(source: CheckpointSource, *, allow: bool, min_bytes: int) -> Res
                 f"{source.env_prefix}_CKPT to a local copy or allow the download"
             ) from None
         try:
-            path = Path(hf_hub_download(source.hf_repo, source.filename, cache_dir=cache_dir))
+            path = Path(hf_hub_download(source.hf_repo, source.filename, cache_dir=cache_dir, endpoint=endpoint))
         except Exception as exc:  # hub raises many HTTP/offline error types
             raise CheckpointError(f"downloading {uri} failed ({type(exc).__name__}: {exc}); check network/"
                                   f"HF_TOKEN, or set {source.env_prefix}_CKPT to a local copy") from exc

@@ -1,5 +1,6 @@
 """Checkpoint resolution: local path → cache → URL download (a real HTTP server on 127.0.0.1)."""
 
+import dataclasses
 import http.server
 import threading
 from functools import partial
@@ -131,3 +132,73 @@ def test_checkpoint_with_code_payload_is_refused_and_nothing_runs(tmp_path):
     with pytest.raises(CheckpointError, match="refuses to load safely"):
         read_checkpoint_file(tmp_path / "evil.pth")
     assert not marker.exists(), "code pickled in the checkpoint must not run"
+
+
+HF_SOURCE = CheckpointSource(filename="TerraFM-B.pth", hf_repo="MBZUAI/TerraFM", min_bytes=1000,
+                             env_prefix="RS_EMBED_TESTHF")
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """A minimal Hugging Face hub on 127.0.0.1 (the network boundary): HEAD/GET on /<repo>/resolve/<rev>/<file>."""
+    import hashlib
+
+    files: dict[str, bytes] = {}
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def _head(self):
+            body = files.get(self.path)
+            if body is None:
+                self.send_response(404)
+                self.send_header("X-Error-Code", "EntryNotFound")
+                self.end_headers()
+                return None
+            etag = hashlib.sha256(body).hexdigest()
+            self.send_response(200)
+            for k, v in {"X-Repo-Commit": "a" * 40, "ETag": f'"{etag}"', "X-Linked-Etag": f'"{etag}"',
+                         "Content-Length": str(len(body))}.items():
+                self.send_header(k, v)
+            self.end_headers()
+            return body
+
+        def do_HEAD(self):
+            self._head()
+
+        def do_GET(self):
+            body = self._head()
+            if body is not None:
+                self.wfile.write(body)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for name in ("CKPT", "AUTO_DOWNLOAD", "CKPT_MIN_BYTES"):
+        monkeypatch.delenv(f"RS_EMBED_TESTHF_{name}", raising=False)
+    yield files
+    server.shutdown()
+
+
+def test_hf_download_then_cache_first(fake_hub):
+    fake_hub["/MBZUAI/TerraFM/resolve/main/TerraFM-B.pth"] = b"t" * 4000
+    r = resolve_checkpoint(HF_SOURCE, model_key="terrafm_b")
+    assert r.origin == "hf_download" and r.uri == "hf://MBZUAI/TerraFM/TerraFM-B.pth"
+    assert "models--MBZUAI--TerraFM" in str(r.path) and r.path.read_bytes() == b"t" * 4000
+    fake_hub.clear()  # the hub forgets the file: the second resolution must come from the cache
+    r2 = resolve_checkpoint(HF_SOURCE, model_key="terrafm_b")
+    assert r2.origin == "hf_cache" and r2.path == r.path
+
+
+def test_hf_missing_file_and_truncated_file(fake_hub, monkeypatch):
+    with pytest.raises(CheckpointError, match="downloading hf://MBZUAI/TerraFM/TerraFM-B.pth failed"):
+        resolve_checkpoint(HF_SOURCE, model_key="terrafm_b")
+    fake_hub["/MBZUAI/TerraFM/resolve/main/TerraFM-B.pth"] = b"t" * 10  # below min_bytes
+    with pytest.raises(CheckpointError, match="truncated"):
+        resolve_checkpoint(HF_SOURCE, model_key="terrafm_b")
+    monkeypatch.setenv("RS_EMBED_TESTHF_AUTO_DOWNLOAD", "0")
+    with pytest.raises(CheckpointError, match="not in the Hugging Face cache"):
+        resolve_checkpoint(dataclasses.replace(HF_SOURCE, filename="other.pth"), model_key="terrafm_b")
