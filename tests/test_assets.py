@@ -100,6 +100,12 @@ def test_graph_materialises_and_catalog_answers_sql(env):
         series = con.execute("SELECT count(*) FROM chip_timeseries('fomo', ?)", [chip]).fetchone()[0]
         assert series == 2
         assert con.execute("SELECT count(*) FROM manifest WHERE model='fomo'").fetchone()[0] == 4
+        # spatial filtering with DuckDB's core geometry (no extension): the western sub-tile only
+        aoi = ('{"type":"Polygon","coordinates":[[[5.04,52.63],[5.06,52.63],[5.06,52.65],[5.04,52.65],'
+               '[5.04,52.63]]]}')
+        hits = con.execute("SELECT count(*), count(DISTINCT tile) FROM vectors_fomo "
+                           "WHERE ST_Intersects_Extent(geometry, ST_GeomFromGeoJSON(?))", [aoi]).fetchone()
+        assert 0 < hits[0] < 64 and hits[1] == 1
         assert con.execute("SELECT count(*) FROM composites").fetchone()[0] == 8
 
 
