@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -20,6 +21,7 @@ import xarray as xr
 
 import adapters
 from adapters import CheckpointError, resolve_checkpoint, sha256_file
+from adapters.base import stable_hash
 
 from .composite import parse_month, shift_month, validate_composite
 from .embedding import code_version, embed_tile
@@ -58,7 +60,9 @@ def materialize_checkpoint(storage: Storage, checkpoint_id: str, *, allow_random
     except CheckpointError as exc:
         if not allow_random_init:
             raise
-        path = storage.checkpoint_dir(checkpoint_id) / f"random-init-seed{RANDOM_INIT_SEED}.pt"
+        # the architecture knobs (RS_EMBED_<MODEL>_DEPTH, ...) shape the weights: one file per config
+        cfg_hash = stable_hash(dataclasses.asdict(cls.default_config()))[:10]
+        path = storage.checkpoint_dir(checkpoint_id) / f"random-init-seed{RANDOM_INIT_SEED}-{cfg_hash}.pt"
         if not path.exists():
             cls.write_random_checkpoint(path, seed=RANDOM_INIT_SEED)
         origin, uri, random_init = "random_init", str(path), True

@@ -259,3 +259,16 @@ def test_empty_composite_is_a_recorded_outcome_not_a_crash(env, tmp_path):
     assert pq.read_table(storage.vectors_path("fomo", TILE_KEYS[0], MONTHS[0])).num_rows == 0
     mat = [e for e in res.get_asset_materialization_events() if e.asset_key == S2][0].materialization
     assert mat.metadata["status"].value == "empty"
+
+
+def test_random_init_weights_follow_the_architecture_knobs(tmp_path, monkeypatch, small_fomo):
+    """Demo weights for one config are never reused for another (they would not load strictly)."""
+    from rs_embed_assets.materialize import materialize_checkpoint
+
+    storage = Storage(tmp_path)
+    a = materialize_checkpoint(storage, "fomo", allow_random_init=True, warn=lambda m: None)
+    monkeypatch.setenv("RS_EMBED_FOMO_DEPTH", "3")
+    b = materialize_checkpoint(storage, "fomo", allow_random_init=True, warn=lambda m: None)
+    assert a["path"] != b["path"] and a["sha256"] != b["sha256"]
+    monkeypatch.setenv("RS_EMBED_FOMO_DEPTH", "2")
+    assert materialize_checkpoint(storage, "fomo", allow_random_init=True, warn=lambda m: None)["sha256"] == a["sha256"]
