@@ -37,6 +37,7 @@ from torch import nn
 
 from .base import (Adapter, AdapterError, CheckpointError, CheckpointSource, ModelSpec, check_raw_input, env_int,
                    env_int_tuple, env_str)
+from .preprocess import finite_or_zero, pad_square, resize_bilinear
 
 S2_BANDS = ("B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B11", "B12")
 
@@ -440,21 +441,15 @@ class AgriFMAdapter(Adapter):
             raise AdapterError(f"agrifm expects {self.config.frames} frames per sample (RS_EMBED_AGRIFM_FRAMES), got "
                                f"{arr.shape[1]} (shape {arr.shape}); build the stack with exactly that many "
                                "frames or change RS_EMBED_AGRIFM_FRAMES (a different experiment)")
-        x = np.clip(np.nan_to_num(arr.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0), 0.0, 10000.0)
+        x = np.clip(finite_or_zero(arr), 0.0, 10000.0)
         if self.config.norm == "agrifm_stats":
             mean = np.asarray(AGRIFM_S2_MEAN, dtype=np.float32)[None, None, :, None, None]
             std = np.maximum(np.asarray(AGRIFM_S2_STD, dtype=np.float32), 1e-6)[None, None, :, None, None]
             x = (x - mean) / std
         elif self.config.norm == "unit_scale":
             x = np.clip(x / 10000.0, 0.0, 1.0)
-        x = _pad_square(x)
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-        size = self.config.image_size
-        if t.shape[-1] != size or t.shape[-2] != size:
-            b, tt, c, h, w = t.shape
-            t = F.interpolate(t.reshape(b * tt, c, h, w), size=(size, size), mode="bilinear",
-                              align_corners=False).reshape(b, tt, c, size, size)
-        return t.to(self.device, dtype=self.dtype)
+        t = torch.from_numpy(np.ascontiguousarray(pad_square(x), dtype=np.float32))
+        return resize_bilinear(t, self.config.image_size).to(self.device, dtype=self.dtype)
 
     def forward_embeddings(self, x: torch.Tensor, *, pooling: str = "mean", **_: Any):
         if x.ndim != 5 or x.shape[1] != self.config.frames or x.shape[2] != len(S2_BANDS):
@@ -506,15 +501,3 @@ def _check_index_buffers(sd: dict[str, torch.Tensor], model: nn.Module) -> None:
                                   f"of a {tuple(want.shape)} window; the file was built with another window_size "
                                   "(RS_EMBED_AGRIFM_WINDOW, published (8,7,7)) or is corrupt")
         sd[k] = got.to(torch.int64)
-
-
-def _pad_square(x: np.ndarray) -> np.ndarray:
-    """Centre-pad the last two axes to a square (reflect; edge when the pad is not smaller than the side)."""
-    h, w = x.shape[-2:]
-    if h == w:
-        return x
-    side = max(h, w)
-    ph, pw = side - h, side - w
-    mode = "edge" if (ph >= h or pw >= w) else "reflect"
-    pad = [(0, 0)] * (x.ndim - 2) + [(ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)]
-    return np.pad(x, pad, mode=mode)

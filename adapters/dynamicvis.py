@@ -35,11 +35,11 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 from .base import (Adapter, AdapterError, CheckpointError, CheckpointSource, ModelSpec, check_raw_input, env_bool,
                    env_float, env_int, env_int_tuple, env_str)
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, sr_rgb_to_imagenet
 from .mamba import DEFAULT_CHUNK, SCAN_CHOICES, MambaMixer, MambaRMSNorm, resolve_scan_impl
 
 ENV = "RS_EMBED_DYNAMICVIS"
@@ -75,8 +75,6 @@ PATH_TYPES_REFUSED = {
 BACKBONE_PREFIX = "backbone."
 IGNORED_PREFIXES = ("pre_neck.", "neck.", "head.", "data_preprocessor.")
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _infer_arch(name: str) -> str:
@@ -384,19 +382,7 @@ class DynamicVisAdapter(Adapter):
         stretched); ``/255``; ImageNet mean/std.
         """
         arr = check_raw_input(raw, self.spec, ndim=4, bands=bands)
-        size = self.config.image_size
-        x = np.nan_to_num(arr.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-        u8 = (np.clip(x / np.float32(10000.0), 0.0, 1.0) * np.float32(255.0)).astype(np.uint8)
-        out = np.empty((arr.shape[0], size, size, 3), dtype=np.uint8)
-        for i, chip in enumerate(u8):
-            img = Image.fromarray(np.ascontiguousarray(chip.transpose(1, 2, 0)), mode="RGB")
-            if img.size != (size, size):
-                img = img.resize((size, size), resample=Image.BICUBIC)
-            out[i] = np.asarray(img)
-        t = torch.from_numpy(out).permute(0, 3, 1, 2).float().div_(255.0)
-        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        return ((t - mean) / std).to(self.device, dtype=self.dtype)
+        return sr_rgb_to_imagenet(arr, self.config.image_size).to(self.device, dtype=self.dtype)
 
     def forward_embeddings(self, x: torch.Tensor, *, pooling: str = "mean", **_: Any):
         grid = self.model(x.to(self.device, dtype=self.dtype), out_indices=(3,))[-1]

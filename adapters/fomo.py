@@ -19,11 +19,11 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .base import (Adapter, AdapterError, CheckpointError, CheckpointSource, ModelSpec, check_raw_input, env_int,
                    env_int_tuple, env_str)
+from .preprocess import finite_or_zero, pad_square, resize_bilinear
 
 S2_BANDS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B11", "B12")
 
@@ -222,17 +222,16 @@ class FomoAdapter(Adapter):
         min-max after /10000) or ``none``; non-square chips are reflect-padded to a square, then
         bilinearly resized (align_corners=False, no antialias) to RS_EMBED_FOMO_IMG.
         """
-        arr = check_raw_input(raw, self.spec, ndim=4, bands=bands).astype(np.float32)
-        x = np.clip(np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0), 0.0, 10000.0)
+        arr = check_raw_input(raw, self.spec, ndim=4, bands=bands)
+        x = np.clip(finite_or_zero(arr), 0.0, 10000.0)
         if self.config.norm in ("unit_scale", "per_tile_minmax"):
             x = x / 10000.0
         if self.config.norm == "per_tile_minmax":
             lo = x.min(axis=(2, 3), keepdims=True)
             hi = x.max(axis=(2, 3), keepdims=True)
             x = (x - lo) / np.maximum(hi - lo, 1e-6)
-        t = torch.from_numpy(np.ascontiguousarray(x))
-        t = resize_square(t, self.config.image_size)
-        return t.to(self.device, dtype=self.dtype)
+        t = torch.from_numpy(np.ascontiguousarray(pad_square(x)))
+        return resize_bilinear(t, self.config.image_size).to(self.device, dtype=self.dtype)
 
     def forward_embeddings(self, x: torch.Tensor, *, pooling: str = "mean", **_: Any):
         tokens = self.model.forward_features(x.to(self.device, dtype=self.dtype), self.config.s2_keys)
@@ -247,22 +246,4 @@ class FomoAdapter(Adapter):
         spec.update(resize="reflect_pad_square+bilinear(align_corners=False)", clip=[0, 10000],
                     token_layout="band_major", pooled="token_" + "mean/max", grid="spectral_mean_patch_tokens")
         return spec
-
-
-def resize_square(t: torch.Tensor, size: int) -> torch.Tensor:
-    """Reflect-pad a (B, C, H, W) batch to a square (edge-pad when too small), then bilinear-resize.
-
-    Mirrors rs-embed's ``prepare_square(..., shape_adjust="pad")`` for non-square inputs; a chip
-    already at ``size``×``size`` is returned unchanged.
-    """
-    _, _, h, w = t.shape
-    if h != w:
-        side = max(h, w)
-        ph, pw = side - h, side - w
-        pad = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
-        mode = "reflect" if ph < h and pw < w else "replicate"
-        t = F.pad(t, pad, mode=mode)
-    if t.shape[-1] != size:
-        t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
-    return t
 

@@ -45,16 +45,14 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from timm.models.vision_transformer import Block
 from torch import nn
 
 from .base import (Adapter, AdapterError, CheckpointError, CheckpointSource, ModelSpec, check_raw_input, env_int,
                    env_str)
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, sr_rgb_to_imagenet
 
 RGB_BANDS = ("B4", "B3", "B2")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 HF_REPO = "MVRL/scalemae-vitlarge-800"
 PREFIX = "model."  # the rshf wrapper keeps the backbone at ``.model``
 
@@ -220,17 +218,7 @@ class ScaleMAEAdapter(Adapter):
                    tile_context: dict[str, Any] | None = None) -> torch.Tensor:
         """Raw S2 SR DN (B, 3, H, W) in B4,B3,B2 order -> ImageNet-normalised (B, 3, img, img)."""
         arr = check_raw_input(raw, self.spec, ndim=4, bands=bands)
-        arr = np.nan_to_num(arr.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-        u8 = (np.clip(arr / 10000.0, 0.0, 1.0) * 255.0).astype(np.uint8)  # truncation, as rs-embed
-        size = self.config.image_size
-        resized = np.stack([
-            np.asarray(Image.fromarray(np.ascontiguousarray(chip.transpose(1, 2, 0)), mode="RGB")
-                       .resize((size, size), resample=Image.BICUBIC))
-            for chip in u8])
-        t = torch.from_numpy(resized).permute(0, 3, 1, 2).float().div(255.0)
-        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
-        return ((t - mean) / std).to(self.device, dtype=self.dtype)
+        return sr_rgb_to_imagenet(arr, self.config.image_size).to(self.device, dtype=self.dtype)
 
     def forward_kwargs(self, raw_shape: tuple[int, ...], *, pixel_size_m: float) -> dict[str, Any]:
         """input_res_m = pixel_size_m × min(H, W) / image_size: the true GSD of the resized input."""

@@ -77,6 +77,7 @@ from torch import nn
 
 from .base import (Adapter, AdapterError, CheckpointError, CheckpointSource, ModelSpec, check_raw_input, env_int,
                    env_str)
+from .preprocess import finite_or_zero, resize_bilinear
 
 S2_BANDS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B11", "B12")
 S1_BANDS = ("VV", "VH")
@@ -273,11 +274,6 @@ class TerraFMEncoder(nn.Module):
 
 
 # --- preprocessing helpers -----------------------------------------------------------------------
-def _finite_or_zero(arr: np.ndarray) -> np.ndarray:
-    """NaN / ±inf -> 0, the fill value rs-embed's provider writes for missing pixels."""
-    return np.nan_to_num(np.asarray(arr, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-
-
 def reject_db_input(arr: np.ndarray, *, what: str) -> None:
     """Raise when S1 values look dB-scaled: more than half of the finite non-zero values negative."""
     vals = arr[np.isfinite(arr) & (arr != 0.0)]
@@ -293,13 +289,6 @@ def log1p_p99(arr: np.ndarray) -> float:
     x = np.log1p(np.maximum(arr, 0.0))
     denom = float(np.percentile(x, 99)) if np.isfinite(x).all() else 1.0
     return denom if denom > 0 else 1.0
-
-
-def resize_bilinear(t: torch.Tensor, size: int) -> torch.Tensor:
-    """Plain bilinear stretch to size×size (align_corners=False, no antialias), as rs-embed."""
-    if t.shape[-2:] == (size, size):
-        return t
-    return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
 
 
 # --- adapters ----------------------------------------------------------------------------------
@@ -390,7 +379,7 @@ class TerraFMS2Adapter(_TerraFMAdapter):
             raise AdapterError(f"terrafm_b takes the 12 Sentinel-2 bands {', '.join(S2_BANDS)}, got 2 channels "
                                f"(shape {arr.shape}); for Sentinel-1 VV/VH use the model terrafm_b_s1")
         arr = check_raw_input(arr, self.spec, ndim=4, bands=bands)
-        x = np.clip(_finite_or_zero(arr) / 10000.0, 0.0, 1.0).astype(np.float32)
+        x = np.clip(finite_or_zero(arr) / 10000.0, 0.0, 1.0).astype(np.float32)
         t = resize_bilinear(torch.from_numpy(np.ascontiguousarray(x)), self.config.image_size)
         return t.to(self.device, dtype=self.dtype)
 
@@ -428,7 +417,7 @@ class TerraFMS1Adapter(_TerraFMAdapter):
         if bands is None and arr.ndim == 4 and arr.shape[1] == len(S2_BANDS):
             raise AdapterError(f"terrafm_b_s1 takes Sentinel-1 {', '.join(S1_BANDS)}, got 12 channels "
                                f"(shape {arr.shape}); for the Sentinel-2 bands use the model terrafm_b")
-        arr = _finite_or_zero(check_raw_input(arr, self.spec, ndim=4, bands=bands))
+        arr = finite_or_zero(check_raw_input(arr, self.spec, ndim=4, bands=bands))
         if self.config.s1_scaling == "tile":
             if not tile_context or "s1_log1p_p99" not in tile_context:
                 raise AdapterError(

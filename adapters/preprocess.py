@@ -1,0 +1,56 @@
+"""Preprocessing steps shared by several adapters, each reproducing one rs-embed behaviour."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def finite_or_zero(arr: np.ndarray) -> np.ndarray:
+    """float32 with NaN / ±inf -> 0, the fill value rs-embed's provider writes for missing pixels."""
+    return np.nan_to_num(np.asarray(arr, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def pad_square(x: np.ndarray) -> np.ndarray:
+    """Centre-pad the last two axes to a square: reflect, or edge when the pad is not smaller than the side
+    (rs-embed ``prepare_square(..., shape_adjust="pad")``). A square input is returned unchanged."""
+    h, w = x.shape[-2:]
+    if h == w:
+        return x
+    side = max(h, w)
+    ph, pw = side - h, side - w
+    mode = "edge" if (ph >= h or pw >= w) else "reflect"
+    pad = [(0, 0)] * (x.ndim - 2) + [(ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)]
+    return np.pad(x, pad, mode=mode)
+
+
+def resize_bilinear(t: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize of (..., C, H, W) to size×size (align_corners=False, no antialias).
+
+    Extra leading axes (e.g. AgriFM's frames) are folded into the batch; a size×size input is returned as is.
+    """
+    if t.shape[-2:] == (size, size):
+        return t
+    lead = t.shape[:-2]
+    out = F.interpolate(t.reshape(-1, *t.shape[-3:]), size=(size, size), mode="bilinear", align_corners=False)
+    return out.reshape(*lead, size, size)
+
+
+def sr_rgb_to_imagenet(rgb: np.ndarray, size: int) -> torch.Tensor:
+    """Raw S2 SR DN (B, 3, H, W) -> ImageNet-normalised (B, 3, size, size), as rs-embed's RGB adapters:
+
+    nan/inf -> 0, /10000, clip [0, 1], ×255, *truncating* ``astype(uint8)``, PIL BICUBIC resize
+    (antialiased when shrinking; non-square chips are stretched), /255, ImageNet mean/std.
+    """
+    u8 = (np.clip(finite_or_zero(rgb) / np.float32(10000.0), 0.0, 1.0) * np.float32(255.0)).astype(np.uint8)
+    out = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(chip.transpose(1, 2, 0)), mode="RGB")
+                               .resize((size, size), resample=Image.BICUBIC)) for chip in u8])
+    t = torch.from_numpy(out).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
+    return (t - mean) / std
