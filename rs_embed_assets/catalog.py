@@ -26,12 +26,9 @@ import adapters
 from .storage import Storage
 
 
-def _glob(path: Path) -> str:
-    return str(path).replace("'", "''")
-
-
-def _has_files(pattern_root: Path, suffix: str) -> bool:
-    return pattern_root.exists() and any(pattern_root.rglob(f"*{suffix}"))
+def _files(root: Path, pattern: str) -> str | None:
+    """``root/pattern`` as a quoted SQL glob when it matches at least one file, else None."""
+    return str(root / pattern).replace("'", "''") if any(root.glob(pattern)) else None
 
 
 def build_catalog(storage: Storage, db_path: Path | None = None) -> dict[str, Any]:
@@ -47,14 +44,14 @@ def build_catalog(storage: Storage, db_path: Path | None = None) -> dict[str, An
         counts: dict[str, int] = {}
         views = []
         for model in adapters.list_models():
-            vdir = storage.root / "embeddings" / model / "vectors"
-            if not _has_files(vdir, ".parquet"):
+            vectors = _files(storage.root / "embeddings" / model / "vectors", "month=*/tile=*.parquet")
+            if vectors is None:
                 continue
             dim = adapters.get_spec(model).embed_dim
             con.execute(f"""
                 CREATE VIEW vectors_{model} AS
                 SELECT * REPLACE (embedding::FLOAT[{dim}] AS embedding, geometry::GEOMETRY AS geometry)
-                FROM read_parquet('{_glob(vdir)}/month=*/tile=*.parquet', hive_partitioning=false)""")
+                FROM read_parquet('{vectors}', hive_partitioning=false)""")
             counts[model] = con.execute(f"SELECT count(*) FROM vectors_{model}").fetchone()[0]
             views.append(model)
         union = " UNION ALL BY NAME ".join(
@@ -65,24 +62,24 @@ def build_catalog(storage: Storage, db_path: Path | None = None) -> dict[str, An
             con.execute("CREATE VIEW vectors AS SELECT NULL::VARCHAR AS chip_id, NULL::VARCHAR AS model, "
                         "NULL::VARCHAR AS tile, NULL::DATE AS month, NULL::FLOAT[] AS embedding WHERE false")
 
-        mglob = storage.root / "embeddings"
-        if _has_files(mglob, ".json") and any(mglob.glob("*/manifest/month=*/tile=*.json")):
+        manifests = _files(storage.root / "embeddings", "*/manifest/month=*/tile=*.json")
+        if manifests:
             con.execute(f"""
                 CREATE TABLE manifest AS
                 SELECT model, tile, month::VARCHAR AS month, rows, checkpoint_sha256, checkpoint_random_init,
                        checkpoint_source, composite_version, preprocessing_hash, code_version, provider, synthetic,
                        device, dtype, chips_total, chips_embedded, chips_skipped, seconds, chips_per_s,
                        frame_months::VARCHAR[] AS frame_months, distinct_frames, vectors_path, grid_path
-                FROM read_json_auto('{_glob(mglob)}/*/manifest/month=*/tile=*.json', union_by_name=true)""")
+                FROM read_json_auto('{manifests}', union_by_name=true)""")
         else:
             con.execute("CREATE TABLE manifest (model VARCHAR, tile VARCHAR, month VARCHAR, rows BIGINT)")
-        cglob = storage.root / "composites"
-        if any(cglob.glob("*/_manifest/month=*/tile=*.json")) if cglob.exists() else False:
+        composites = _files(storage.root / "composites", "*/_manifest/month=*/tile=*.json")
+        if composites:
             con.execute(f"""
                 CREATE TABLE composites AS
                 SELECT sensor, tile, month::VARCHAR AS month, status, valid_fraction, scene_count, provider,
                        synthetic, data_version, path
-                FROM read_json_auto('{_glob(cglob)}/*/_manifest/month=*/tile=*.json', union_by_name=true)""")
+                FROM read_json_auto('{composites}', union_by_name=true)""")
         else:
             con.execute("CREATE TABLE composites (sensor VARCHAR, tile VARCHAR, month VARCHAR, status VARCHAR)")
 

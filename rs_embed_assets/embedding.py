@@ -134,8 +134,9 @@ def embed_tile(adapter, frames: Sequence[xr.Dataset], *, tile: Tile, month: str,
     g = spec.grid_size
     grid = np.full((spec.embed_dim, rows * g, cols * g), np.nan, dtype=np.float32)
     pooled = np.zeros((len(keep), spec.embed_dim), dtype=np.float32)
-    fwd_kwargs: dict[str, Any] = {}
     src = raw if temporal else raw[0]
+    # every chip has the same shape, so the derived forward arguments are the same for all batches
+    fwd_kwargs = adapter.forward_kwargs((1, *src.shape[:-2], cs, cs), pixel_size_m=PIXEL_SIZE_M)
     t0 = time.perf_counter()
     for start in range(0, len(keep), bs):
         idx = keep[start:start + bs]
@@ -143,7 +144,6 @@ def embed_tile(adapter, frames: Sequence[xr.Dataset], *, tile: Tile, month: str,
         batch = np.stack([src[..., y:y + cs, x:x + cs] for _, _, y, x in (windows[i] for i in idx)]).astype(np.float32)
         out = adapter.embed_raw(batch, bands=spec.bands, pixel_size_m=PIXEL_SIZE_M, tile_context=tile_ctx,
                                 pooling=pooling)
-        fwd_kwargs = adapter.forward_kwargs(batch.shape, pixel_size_m=PIXEL_SIZE_M)
         p, gr = out.numpy()
         if gr.shape[1:] != (spec.embed_dim, g, g):
             raise EmbeddingError(f"{spec.model_id} returned grids shaped {gr.shape[1:]}, spec says "

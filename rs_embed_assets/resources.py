@@ -6,13 +6,13 @@ environment variables or resource config (Earth Engine, GPU workers) — see REA
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import Any, Optional
 
 import dagster as dg
 
 import adapters
+from adapters.base import env_bool, env_int, env_str
 
 from .catalog import connect_readonly
 from .materialize import EmbeddingSettings, read_checkpoint_record
@@ -21,15 +21,10 @@ from .settings import enabled_models
 from .storage import Storage
 
 
-def _env(name: str, default: str) -> str:
-    v = os.environ.get(name)
-    return default if v is None or v.strip() == "" else v
-
-
 class StorageResource(dg.ConfigurableResource):
     """Root directory of the catalog (composites, embeddings, checkpoints, catalog.duckdb)."""
 
-    root: str = _env("RS_EMBED_ASSETS_DATA_ROOT", "data")
+    root: str = env_str("RS_EMBED_ASSETS_DATA_ROOT", "data")
 
     def get(self) -> Storage:
         return Storage(self.root)
@@ -38,13 +33,13 @@ class StorageResource(dg.ConfigurableResource):
 class ProviderResource(dg.ConfigurableResource):
     """Which imagery provider makes composites: ``sample`` (offline), ``local`` or ``gee``."""
 
-    kind: str = _env("RS_EMBED_ASSETS_PROVIDER", "sample")
+    kind: str = env_str("RS_EMBED_ASSETS_PROVIDER", "sample")
     options: dict[str, Any] = {}
 
     def get(self) -> Provider:
         opts = dict(self.options)
         if self.kind == "local" and "root" not in opts:
-            opts["root"] = _env("RS_EMBED_ASSETS_LOCAL_DIR", "imagery")
+            opts["root"] = env_str("RS_EMBED_ASSETS_LOCAL_DIR", "imagery")
         return create_provider(self.kind, **opts)
 
 
@@ -55,7 +50,7 @@ class CheckpointPolicyResource(dg.ConfigurableResource):
     real file is unavailable — for demos and tests only; it is flagged in logs and metadata.
     """
 
-    allow_random_init: bool = _env("RS_EMBED_ALLOW_RANDOM_INIT", "0").lower() in {"1", "true", "yes"}
+    allow_random_init: bool = env_bool("RS_EMBED_ALLOW_RANDOM_INIT", False)
     allow_download: Optional[bool] = None  # None: per-model RS_EMBED_<MODEL>_AUTO_DOWNLOAD (default on)
     verify_strict_load: bool = True
 
@@ -73,9 +68,9 @@ class ModelResource(dg.ConfigurableResource):
     """
 
     model_id: str
-    device: str = _env("RS_EMBED_DEVICE", "auto")
-    dtype: str = _env("RS_EMBED_DTYPE", "float32")
-    batch_size: int = int(_env("RS_EMBED_BATCH_SIZE", "0"))
+    device: str = env_str("RS_EMBED_DEVICE", "auto")
+    dtype: str = env_str("RS_EMBED_DTYPE", "float32")
+    batch_size: int = env_int("RS_EMBED_BATCH_SIZE", 0)
     pooling: str = "mean"
     min_valid_fraction: float = 0.0
 
@@ -103,7 +98,7 @@ class CatalogResource(dg.ConfigurableResource):
     ``path`` defaults to ``<storage root>/catalog.duckdb``.
     """
 
-    path: str = _env("RS_EMBED_ASSETS_CATALOG", "")
+    path: str = env_str("RS_EMBED_ASSETS_CATALOG", "")
 
     def db_path(self, storage: Storage):
         from pathlib import Path
