@@ -23,6 +23,7 @@ import duckdb
 
 import adapters
 
+from .embedding import vectors_schema
 from .storage import Storage
 
 
@@ -58,9 +59,11 @@ def build_catalog(storage: Storage, db_path: Path | None = None) -> dict[str, An
             f"SELECT * REPLACE (embedding::FLOAT[] AS embedding) FROM vectors_{m}" for m in views)
         if union:
             con.execute(f"CREATE VIEW vectors AS {union}")
-        else:  # an empty, typed view keeps queries valid before the first embeddings exist
-            con.execute("CREATE VIEW vectors AS SELECT NULL::VARCHAR AS chip_id, NULL::VARCHAR AS model, "
-                        "NULL::VARCHAR AS tile, NULL::DATE AS month, NULL::FLOAT[] AS embedding WHERE false")
+        else:  # before the first embeddings: an empty table with the vectors schema keeps views and macros valid
+            con.register("_no_vectors", vectors_schema(1).empty_table())
+            con.execute("CREATE TABLE vectors AS SELECT * REPLACE (embedding::FLOAT[] AS embedding, "
+                        "geometry::GEOMETRY AS geometry) FROM _no_vectors")
+            con.unregister("_no_vectors")
 
         manifests = _files(storage.root / "embeddings", "*/manifest/month=*/tile=*.json")
         if manifests:

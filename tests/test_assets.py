@@ -272,3 +272,13 @@ def test_random_init_weights_follow_the_architecture_knobs(tmp_path, monkeypatch
     assert a["path"] != b["path"] and a["sha256"] != b["sha256"]
     monkeypatch.setenv("RS_EMBED_FOMO_DEPTH", "2")
     assert materialize_checkpoint(storage, "fomo", allow_random_init=True, warn=lambda m: None)["sha256"] == a["sha256"]
+
+
+def test_catalog_builds_before_any_embeddings_exist(tmp_path):
+    from rs_embed_assets.catalog import build_catalog
+
+    summary = build_catalog(Storage(tmp_path / "empty"))
+    assert summary["rows_per_model"] == {}
+    with duckdb.connect(summary["path"], read_only=True) as con:
+        assert con.execute("SELECT * FROM similar_chips('fomo', 'x', '2024-01-01', 5)").fetchall() == []
+        assert con.execute("SELECT count(*) FROM manifest").fetchone()[0] == 0
