@@ -50,8 +50,8 @@ def _aoi_from_args(args):
 
 
 def cmd_tiles(args) -> int:
-    from .grid import parse_tile_key, tiles_for_aoi
-    from .partitions import TILES
+    from .grid import tiles_for_aoi
+    from .partitions import TILES, add_tiles
 
     if args.action == "for-aoi":
         print("\n".join(tiles_for_aoi(_aoi_from_args(args), k=args.k)))
@@ -63,12 +63,7 @@ def cmd_tiles(args) -> int:
     if args.action == "add":
         keys = list(args.keys or []) + (tiles_for_aoi(_aoi_from_args(args), k=args.k)
                                         if (args.bbox or args.geojson) else [])
-        for k in keys:
-            parse_tile_key(k)  # refuse malformed keys before they become partitions
-        existing = set(instance.get_dynamic_partitions(TILES.name))
-        new = [k for k in keys if k not in existing]
-        if new:
-            instance.add_dynamic_partitions(TILES.name, new)
+        new = add_tiles(instance, keys)
         print(f"added {len(new)} tile(s), {len(keys) - len(new)} already present: {', '.join(new) or '-'}")
         return 0
     raise SystemExit(f"unknown tiles action {args.action}")
@@ -83,18 +78,19 @@ def run_demo(*, data_root: str, bbox: str = DEMO_BBOX, months=DEMO_MONTHS, k: in
         os.environ.setdefault("RS_EMBED_ALLOW_RANDOM_INIT", "1")
     import dagster as dg
 
+    import adapters
+
     from .catalog import connect_readonly
     from .grid import parse_bbox, tiles_for_aoi
     from .materialize import read_checkpoint_record
-    from .partitions import TILES, make_key
+    from .partitions import add_tiles, make_key
     from .storage import Storage
 
     instance = get_instance()
     from .definitions import defs
 
     tiles = tiles_for_aoi(parse_bbox(bbox), k=k)
-    existing = set(instance.get_dynamic_partitions(TILES.name))
-    instance.add_dynamic_partitions(TILES.name, [t for t in tiles if t not in existing])
+    add_tiles(instance, tiles)
     print(f"tiles: {', '.join(tiles)}; months: {', '.join(months)}")
     assets = list(defs.assets)
     resources = defs.resources
@@ -103,8 +99,9 @@ def run_demo(*, data_root: str, bbox: str = DEMO_BBOX, months=DEMO_MONTHS, k: in
     dg.materialize(assets, selection=[ckpt], instance=instance, resources=resources, run_config=quiet)
     storage = Storage(os.environ["RS_EMBED_ASSETS_DATA_ROOT"])
     if read_checkpoint_record(storage, model)["random_init"]:
+        src = adapters.get_spec(model).checkpoint
         print(f"!! checkpoint/{model}: RANDOM-INIT demo weights (the published file is not available offline). "
-              "Point RS_EMBED_FOMO_CKPT at fomo_single_embedding_layer_weights.pt for real embeddings.")
+              f"Point {src.env_prefix}_CKPT at {src.filename} for real embeddings.")
     selection = [dg.AssetKey("s2_composite"), dg.AssetKey("s1_composite"), dg.AssetKey(["embeddings", model])]
     ordered = sorted(tiles)
     start, end = make_key(ordered[0], months[0]), make_key(ordered[-1], months[-1])

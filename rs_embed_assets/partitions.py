@@ -14,6 +14,19 @@ MONTHS = dg.MonthlyPartitionsDefinition(start_date=f"{START_MONTH}-01", end_offs
 TILE_MONTH = dg.MultiPartitionsDefinition({"month": MONTHS, "tile": TILES})
 
 
+def add_tiles(instance: dg.DagsterInstance, keys: list[str]) -> list[str]:
+    """Add tile keys as ``tiles`` partitions (validated first); returns the ones that were new."""
+    from .grid import parse_tile_key
+
+    for key in keys:
+        parse_tile_key(key)  # refuse malformed keys before they become partitions
+    existing = set(instance.get_dynamic_partitions(TILES.name))
+    new = [k for k in dict.fromkeys(keys) if k not in existing]
+    if new:
+        instance.add_dynamic_partitions(TILES.name, new)
+    return new
+
+
 def split_key(key: str | dg.MultiPartitionKey) -> tuple[str, str]:
     """A tile×month partition key → (tile key, 'YYYY-MM')."""
     if not isinstance(key, dg.MultiPartitionKey):
