@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from .. import routing
 from ..composite import SENSORS
 from ..materialize import materialize_composite
 from ..partitions import TILE_MONTH, split_key
@@ -22,6 +23,7 @@ def build_composite_asset(sensor: str) -> dg.AssetsDefinition:
         kinds={"zarr", "xarray"},
         owners=["team:data"],
         pool="imagery",
+        op_tags=routing.composite_op_tags(),
         automation_condition=dg.AutomationCondition.on_cron(MONTHLY_CRON),
         description=(f"Monthly {sensor.upper()} composite per tile on the tile's UTM grid at 10 m: "
                      f"{', '.join(spec.bands)} ({spec.units}) and a per-pixel valid-observation count. "

@@ -9,6 +9,7 @@ import numpy as np
 
 import adapters
 
+from .. import routing
 from ..embedding import code_version
 from ..materialize import materialize_embeddings
 from ..partitions import TILE_MONTH, split_key
@@ -54,6 +55,7 @@ def build_embedding_asset(model_id: str) -> dg.AssetsDefinition:
         deps=[dg.AssetDep(dg.AssetKey(["checkpoint", spec.checkpoint_id])), _composite_dep(model_id)],
         backfill_policy=BACKFILL,
         pool="gpu",
+        op_tags=routing.embedding_op_tags(),
         group_name="embeddings",
         kinds={"pytorch", "parquet", "zarr"},
         owners=["team:ml"],
