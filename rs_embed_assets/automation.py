@@ -16,11 +16,28 @@ AOI_FILE_ENV = "RS_EMBED_ASSETS_AOI_FILE"
 
 
 def aoi_file_tiles(path: str | Path, default_k: int = 1) -> list[str]:
-    """Tile keys for a GeoJSON AOI file; a top-level or feature property ``subtile_k`` sets k."""
-    obj = json.loads(Path(path).read_text())
+    """Tile keys for an AOI file; a GeoJSON top-level or feature property ``subtile_k`` sets k.
+
+    GeoJSON (``.geojson``/``.json``) or any vector file GeoPandas reads (GeoPackage, Shapefile, GeoParquet).
+    Bad content raises TileError with the reason.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in (".json", ".geojson"):
+        return tiles_for_aoi(AOI.from_file(path), k=default_k)
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TileError(f"AOI file {path} is not valid GeoJSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise TileError(f"AOI file {path} holds a JSON {type(obj).__name__}, not a GeoJSON object; give a "
+                        "FeatureCollection, Feature, Polygon or MultiPolygon")
     features = obj.get("features", []) if obj.get("type") == "FeatureCollection" else [obj]
-    ks = [obj.get("subtile_k")] + [(f.get("properties") or {}).get("subtile_k") for f in features]
-    k = int(next((v for v in ks if v), default_k))
+    ks = [obj.get("subtile_k")] + [(f.get("properties") or {}).get("subtile_k") for f in features
+                                   if isinstance(f, dict)]
+    try:
+        k = int(next((v for v in ks if v), default_k))
+    except (TypeError, ValueError):
+        raise TileError(f"AOI file {path}: subtile_k must be an integer") from None
     return tiles_for_aoi(AOI.from_geojson(obj), k=k)
 
 
@@ -40,7 +57,8 @@ def aoi_tiles_sensor(context: dg.SensorEvaluationContext):
         return dg.SkipReason("AOI file unchanged")
     try:
         keys = aoi_file_tiles(path, default_k=int(os.environ.get("RS_EMBED_ASSETS_SUBTILE_K", "1")))
-    except (TileError, ValueError, json.JSONDecodeError) as exc:
+    except Exception as exc:  # a bad AOI file is a skipped tick with the reason, never a failing sensor
+        context.log.warning(f"AOI file {path} is not usable: {exc}")
         return dg.SkipReason(f"AOI file {path} is not usable: {exc}")
     existing = set(context.instance.get_dynamic_partitions(TILES.name))
     new = [k for k in keys if k not in existing]

@@ -40,13 +40,10 @@ def get_instance():
 
 
 def _aoi_from_args(args):
-    from .grid import AOI, parse_bbox
+    from .grid import load_aoi
 
-    if getattr(args, "bbox", None):
-        return parse_bbox(args.bbox)
-    if getattr(args, "geojson", None):
-        return AOI.from_geojson(Path(args.geojson))
-    raise SystemExit("give --bbox minlon,minlat,maxlon,maxlat or --geojson FILE")
+    return load_aoi(bbox=getattr(args, "bbox", None), geojson=getattr(args, "geojson", None),
+                    file=getattr(args, "file", None))
 
 
 def cmd_tiles(args) -> int:
@@ -62,7 +59,7 @@ def cmd_tiles(args) -> int:
         return 0
     if args.action == "add":
         keys = list(args.keys or []) + (tiles_for_aoi(_aoi_from_args(args), k=args.k)
-                                        if (args.bbox or args.geojson) else [])
+                                        if (args.bbox or args.geojson or args.file) else [])
         new = add_tiles(instance, keys)
         print(f"added {len(new)} tile(s), {len(keys) - len(new)} already present: {', '.join(new) or '-'}")
         return 0
@@ -187,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("action", choices=["add", "list", "for-aoi"])
     t.add_argument("keys", nargs="*", help="explicit tile keys (add)")
     t.add_argument("--bbox")
-    t.add_argument("--geojson")
+    t.add_argument("--geojson", help="GeoJSON file (lon/lat)")
+    t.add_argument("--file", help="any vector file GeoPandas reads: GeoPackage, Shapefile, GeoParquet, FlatGeobuf, ...")
     t.add_argument("--k", type=int, default=1, help="k×k sub-tiling (1 = whole 110 km tiles)")
     t.set_defaults(func=cmd_tiles)
 

@@ -232,8 +232,27 @@ def subtile(name: str, k: int, row: int, col: int) -> Tile:
 
 
 def parse_tile_key(key: str) -> Tile:
-    """``31UFU`` or ``31UFU-k30-r04-c12`` → Tile; a clear error names the expected forms."""
-    m = _KEY_RE.match(key or "")
+    """``31UFU`` or ``31UFU-k30-r04-c12`` → Tile; a clear error names the expected forms.
+
+    Only the canonical spelling is a tile key (two-digit-or-more row/col without extra zeros:
+    ``r04``, ``c12``); ``31UFU-k36-r21-c012`` is refused with the canonical key, so no tile ever has two
+    partitions. ``canonical_tile_key`` normalises a loose spelling instead.
+    """
+    tile = _parse_loose(key)
+    if tile.key != key:
+        raise TileError(f"tile key {key!r} is not canonical; the tile's key is {tile.key!r} (use that one, or add "
+                        "tiles with `rs-embed-assets tiles add`, which normalises keys)")
+    return tile
+
+
+def canonical_tile_key(key: str) -> str:
+    """The canonical spelling of a tile key: ``31ufu-k36-r21-c012`` → ``31UFU-k36-r21-c12``."""
+    return _parse_loose(key).key
+
+
+def _parse_loose(key: str) -> Tile:
+    text = str(key or "").strip()
+    m = _KEY_RE.match(text) or _KEY_RE.match(text.upper().replace("-K", "-k").replace("-R", "-r").replace("-C", "-c"))
     if not m:
         raise TileError(f"unknown tile key {key!r}; expected an MGRS tile id like '31UFU' or a sub-tile like "
                         "'31UFU-k30-r04-c12' (add tiles with `rs-embed-assets tiles add --bbox ...`)")
@@ -243,6 +262,10 @@ def parse_tile_key(key: str) -> Tile:
 
 
 # --- areas of interest ---------------------------------------------------------------------------
+_VECTOR_SUFFIXES = (".gpkg", ".shp", ".zip", ".fgb", ".parquet", ".geoparquet", ".gml", ".kml", ".sqlite")
+_DENSIFY_DEG = 0.01  # AOI edges are straight in lon/lat; densified before projecting to UTM (≤ 1.1 km steps)
+
+
 @dataclass(frozen=True)
 class AOI:
     """An area of interest in CRS84: a list of polygons, each a list of rings [(lon, lat), ...]."""
@@ -251,151 +274,188 @@ class AOI:
 
     @classmethod
     def from_bbox(cls, minlon: float, minlat: float, maxlon: float, maxlat: float) -> "AOI":
+        vals = (minlon, minlat, maxlon, maxlat)
+        if not all(math.isfinite(v) for v in vals):
+            raise TileError(f"bbox {vals} has a non-finite number; give minlon,minlat,maxlon,maxlat in degrees")
+        lat_bad = not (-90 <= minlat <= 90 and -90 <= maxlat <= 90)
+        if lat_bad and -90 <= minlon <= 90 and -90 <= maxlon <= 90:
+            raise TileError(f"bbox ({minlon}, {minlat}, {maxlon}, {maxlat}) has latitudes outside ±90 but its "
+                            "longitudes would be valid latitudes: it looks like lat/lon are swapped; give "
+                            f"minlon,minlat,maxlon,maxlat (e.g. {minlat},{minlon},{maxlat},{maxlon})")
         if not (-180 <= minlon < maxlon <= 180 and -90 <= minlat < maxlat <= 90):
             raise TileError(f"bbox ({minlon}, {minlat}, {maxlon}, {maxlat}) is invalid; give "
                             "minlon,minlat,maxlon,maxlat in degrees with min < max (lon -180..180, lat -90..90)")
         if minlat < -80 or maxlat > 84:
+            hint = ""
+            if -80 <= minlon and maxlon <= 84 and -180 <= minlat and maxlat <= 180:
+                hint = (f" (if you meant lon {minlat}..{maxlat}, lat {minlon}..{maxlon}, the bbox is swapped: give "
+                        "minlon,minlat,maxlon,maxlat)")
             raise TileError("the AOI reaches beyond 80°S..84°N, where Sentinel-2 uses no UTM/MGRS tiles; "
-                            "clip it to that latitude range")
+                            f"clip it to that latitude range{hint}")
         ring = ((minlon, minlat), (maxlon, minlat), (maxlon, maxlat), (minlon, maxlat), (minlon, minlat))
         return cls(polygons=((ring,),))
 
     @classmethod
     def from_geojson(cls, obj: dict | str | Path) -> "AOI":
+        """A GeoJSON FeatureCollection / Feature / (Multi)Polygon / GeometryCollection in lon/lat."""
+        source = "the GeoJSON AOI"
         if isinstance(obj, (str, Path)):
-            is_text = isinstance(obj, str) and obj.lstrip().startswith("{")
+            is_text = isinstance(obj, str) and obj.lstrip()[:1] in ("{", "[")
             if not is_text and not Path(obj).is_file():
                 raise TileError(f"AOI file {obj} does not exist; give a GeoJSON file path or GeoJSON text")
+            if not is_text:
+                source = f"AOI file {obj}"
             text = str(obj) if is_text else Path(obj).read_text()
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as exc:
-                raise TileError(f"AOI is not valid GeoJSON ({exc}); give a FeatureCollection, Feature, "
+                raise TileError(f"{source} is not valid GeoJSON ({exc}); give a FeatureCollection, Feature, "
                                 "Polygon or MultiPolygon in lon/lat") from None
         polys: list = []
 
-        def visit(g: dict) -> None:
+        def visit(g: object, where: str) -> None:
+            if not isinstance(g, dict):
+                raise TileError(f"{source}: {where} is {type(g).__name__} {str(g)[:60]!r}, not a GeoJSON object; "
+                                "give a FeatureCollection, Feature, Polygon or MultiPolygon")
             t = g.get("type")
             if t == "FeatureCollection":
-                for f in g.get("features", []):
-                    visit(f)
+                feats = g.get("features")
+                if not isinstance(feats, list):
+                    raise TileError(f"{source}: {where} has no 'features' list")
+                for i, f in enumerate(feats):
+                    visit(f, f"feature {i}")
             elif t == "Feature":
-                visit(g.get("geometry") or {})
+                if g.get("geometry") is not None:
+                    visit(g["geometry"], f"{where} geometry")
             elif t == "Polygon":
-                polys.append(g["coordinates"])
+                polys.append((_check_polygon(g.get("coordinates"), f"{source}: {where} Polygon"), where))
             elif t == "MultiPolygon":
-                polys.extend(g["coordinates"])
+                coords = g.get("coordinates")
+                if not isinstance(coords, list) or not coords:
+                    raise TileError(f"{source}: {where} MultiPolygon has no coordinates; give a list of polygons")
+                for j, poly in enumerate(coords):
+                    polys.append((_check_polygon(poly, f"{source}: {where} MultiPolygon part {j}"), where))
             elif t == "GeometryCollection":
-                for gg in g.get("geometries", []):
-                    visit(gg)
+                for j, gg in enumerate(g.get("geometries") or []):
+                    visit(gg, f"{where} geometry {j}")
             else:
-                raise TileError(f"GeoJSON type {t!r} cannot describe an area; use Polygon or MultiPolygon features")
+                raise TileError(f"{source}: GeoJSON type {t!r} ({where}) cannot describe an area; use Polygon or "
+                                "MultiPolygon features")
 
-        visit(obj)
+        visit(obj, "the top-level object")
         if not polys:
-            raise TileError("the GeoJSON AOI contains no polygons; add a Polygon or MultiPolygon geometry")
-        out = []
-        for poly in polys:
-            rings = tuple(tuple((float(p[0]), float(p[1])) for p in ring) for ring in poly)
-            for ring in rings:
-                for lon, lat in ring:
-                    if not (-180 <= lon <= 180 and -90 <= lat <= 90):
-                        raise TileError(f"AOI coordinate ({lon}, {lat}) is not lon/lat in degrees (CRS84); "
-                                        "reproject the GeoJSON to EPSG:4326")
-            out.append(rings)
-        return cls(polygons=tuple(out))
+            raise TileError(f"{source} contains no polygons; add a Polygon or MultiPolygon geometry")
+        return cls(polygons=tuple(p for p, _ in polys))
+
+    @classmethod
+    def from_shapely(cls, geom, source: str = "the AOI") -> "AOI":
+        """A shapely (Multi)Polygon / GeometryCollection in lon/lat (CRS84)."""
+        import shapely
+
+        geom = shapely.force_2d(geom)
+        if not geom.is_valid:
+            geom = shapely.make_valid(geom)
+        parts = [g for g in getattr(geom, "geoms", [geom]) if g.geom_type in ("Polygon", "MultiPolygon")]
+        polys = []
+        for part in parts:
+            for poly in getattr(part, "geoms", [part]):
+                if poly.is_empty:
+                    continue
+                rings = [poly.exterior, *poly.interiors]
+                polys.append(tuple(tuple((float(x), float(y)) for x, y in r.coords) for r in rings))
+        if not polys:
+            raise TileError(f"{source} contains no polygon with an area; give Polygon or MultiPolygon geometries")
+        aoi = cls(polygons=tuple(polys))
+        for poly in aoi.polygons:
+            for ring in poly:
+                _check_lonlat(ring, source)
+        return aoi
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "AOI":
+        """Any vector file GeoPandas reads (GeoPackage, Shapefile, GeoParquet, FlatGeobuf, GeoJSON, ...).
+
+        Geometries are reprojected to lon/lat from the file's CRS; a file without a CRS must already be
+        in lon/lat. All polygon features together form the AOI.
+        """
+        p = Path(path).expanduser()
+        if not p.exists():
+            raise TileError(f"AOI file {p} does not exist")
+        if p.suffix.lower() in (".json", ".geojson") and p.is_file():
+            try:
+                return cls.from_geojson(p)
+            except TileError:
+                raise
+        try:
+            import geopandas as gpd
+
+            if p.suffix.lower() in (".parquet", ".geoparquet"):
+                gdf = gpd.read_parquet(p)
+            else:
+                gdf = gpd.read_file(p)
+        except Exception as exc:  # pyogrio / pyarrow errors: say which file and what GeoPandas said
+            raise TileError(f"AOI file {p} could not be read as a vector file ({type(exc).__name__}: "
+                            f"{str(exc)[:200]}); give a GeoPackage, Shapefile, GeoParquet or GeoJSON file") from None
+        if len(gdf) == 0:
+            raise TileError(f"AOI file {p} has no features")
+        if gdf.crs is not None and not gdf.crs.equals("EPSG:4326") and not gdf.crs.equals("OGC:CRS84"):
+            gdf = gdf.to_crs("EPSG:4326")
+        import shapely
+
+        geom = shapely.union_all(gdf.geometry.dropna().values)
+        return cls.from_shapely(geom, source=f"AOI file {p}")
+
+    @property
+    def geometry(self):
+        """The AOI as one valid shapely geometry in lon/lat."""
+        import shapely
+
+        polys = [shapely.Polygon(poly[0], poly[1:]) for poly in self.polygons]
+        geom = shapely.MultiPolygon(polys) if len(polys) > 1 else polys[0]
+        if not geom.is_valid:
+            geom = shapely.make_valid(geom)
+        return shapely.union_all([geom])
 
     def bbox(self) -> tuple[float, float, float, float]:
         pts = np.array([p for poly in self.polygons for ring in poly for p in ring])
         return float(pts[:, 0].min()), float(pts[:, 1].min()), float(pts[:, 0].max()), float(pts[:, 1].max())
 
     def contains(self, lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
-        """Even-odd point-in-polygon over all rings (holes excluded), vectorised."""
-        inside = np.zeros(lon.shape, dtype=bool)
-        for poly in self.polygons:
-            in_poly = np.zeros(lon.shape, dtype=bool)
-            for ring in poly:
-                r = np.asarray(ring)
-                x1, y1 = r[:-1, 0], r[:-1, 1]
-                x2, y2 = r[1:, 0], r[1:, 1]
-                for a, b, c, d in zip(x1, y1, x2, y2):
-                    cond = (b > lat) != (d > lat)
-                    with np.errstate(divide="ignore", invalid="ignore"):
-                        xint = a + (lat - b) * (c - a) / (d - b)
-                    in_poly ^= cond & (lon < xint)
-            inside |= in_poly
-        return inside
+        """Whether points lie inside the AOI (holes excluded)."""
+        import shapely
 
-    def sample_points(self, step_deg: float) -> tuple[np.ndarray, np.ndarray]:
-        """Grid points inside the AOI plus all its vertices (so thin AOIs are never missed)."""
-        minlon, minlat, maxlon, maxlat = self.bbox()
-        lons = np.arange(minlon, maxlon + step_deg, step_deg)
-        lats = np.arange(minlat, maxlat + step_deg, step_deg)
-        glon, glat = np.meshgrid(np.clip(lons, minlon, maxlon), np.clip(lats, minlat, maxlat))
-        glon, glat = glon.ravel(), glat.ravel()
-        keep = self.contains(glon, glat)
-        verts = np.array([p for poly in self.polygons for ring in poly for p in ring])
-        return np.concatenate([glon[keep], verts[:, 0]]), np.concatenate([glat[keep], verts[:, 1]])
+        return shapely.contains_xy(self.geometry, np.asarray(lon, float), np.asarray(lat, float))
 
 
-def tiles_for_aoi(aoi: AOI, *, k: int = 1, max_points: int = 400_000) -> list[str]:
-    """Tile keys (whole tiles, or k×k sub-tiles) that together cover the AOI.
-
-    Each AOI point belongs to exactly one MGRS 100 km square, whose tile covers it; with k > 1 the
-    point's sub-tile is found on that tile's pixel grid. Sampling is dense enough (≤ 1 km, and
-    finer than a sub-tile) to catch the narrow squares at UTM zone edges.
-    """
-    if k < 1 or TILE_PIXELS % k:
-        raise TileError(f"sub-tiling k={k} does not divide {TILE_PIXELS}; use one of "
-                        f"{', '.join(map(str, valid_subdivisions()[:16]))}, …")
-    minlon, minlat, maxlon, maxlat = aoi.bbox()
-    if minlat < -80 or maxlat > 84:
-        raise TileError("the AOI reaches beyond 80°S..84°N, where Sentinel-2 has no MGRS tiles; clip it")
-    sub_m = TILE_PIXELS * PIXEL_SIZE_M / k
-    step = min(0.01, sub_m / 3 / 111_000.0)
-    area_pts = ((maxlon - minlon) / step + 1) * ((maxlat - minlat) / step + 1)
-    if area_pts > max_points:
-        step *= math.sqrt(area_pts / max_points)
-    lon, lat = aoi.sample_points(step)
-    if lon.size == 0:
-        raise TileError("no point of the AOI could be sampled; check that the polygon is not degenerate")
-    squares: dict[str, list[int]] = {}
-    valid = s2_tile_names()
-    todo = np.arange(lon.size)
-    for offset in (0, -1, 1):  # own zone first; partial squares at zone edges → the neighbour's tiles
-        if todo.size == 0:
-            break
-        names = lonlat_to_square(lon[todo], lat[todo], zone_offset=offset)
-        left = []
-        for i, name in zip(todo, names):
-            if name in valid and (offset == 0 or _tile_contains(mgrs_tile(name), lon[i], lat[i])):
-                squares.setdefault(name, []).append(int(i))
-            else:
-                left.append(i)
-        todo = np.asarray(left, dtype=int)
-    if not squares:
-        raise TileError("the AOI lies outside every Sentinel-2 tile (the S2 grid does not cover the open ocean); "
-                        "check the coordinates (lon, lat order)")
-    keys: set[str] = set()
-    for name, idx in squares.items():
-        tile = mgrs_tile(name)
-        if k == 1:
-            keys.add(name)
-            continue
-        x, y = lonlat_to_utm(tile.epsg, lon[idx], lat[idx])
-        size = TILE_PIXELS // k
-        cols = np.floor((x - tile.x0) / PIXEL_SIZE_M / size).astype(int)
-        rows = np.floor((tile.y0 - y) / PIXEL_SIZE_M / size).astype(int)
-        ok = (rows >= 0) & (rows < k) & (cols >= 0) & (cols < k)
-        for r, c in set(zip(rows[ok].tolist(), cols[ok].tolist())):
-            keys.add(subtile(name, k, r, c).key)
-    return sorted(keys)
+def _check_polygon(coords: object, where: str) -> tuple:
+    if not isinstance(coords, list) or not coords:
+        raise TileError(f"{where} has empty coordinates; a Polygon is a list of rings, each a closed list of "
+                        "at least 4 [lon, lat] positions")
+    rings = []
+    for i, ring in enumerate(coords):
+        if not isinstance(ring, list) or len(ring) < 4:
+            raise TileError(f"{where}: ring {i} has {len(ring) if isinstance(ring, list) else 0} positions; a ring "
+                            "needs at least 4 [lon, lat] positions, the last equal to the first")
+        pts = []
+        for pos in ring:
+            if (not isinstance(pos, (list, tuple)) or len(pos) < 2
+                    or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in pos[:2])):
+                raise TileError(f"{where}: ring {i} has the position {str(pos)[:40]}; positions are [lon, lat] numbers")
+            pts.append((float(pos[0]), float(pos[1])))
+        if pts[0] != pts[-1]:
+            pts.append(pts[0])
+        _check_lonlat(pts, where)
+        rings.append(tuple(pts))
+    return tuple(rings)
 
 
-def _tile_contains(tile: Tile, lon: float, lat: float) -> bool:
-    x, y = lonlat_to_utm(tile.epsg, lon, lat)
-    minx, miny, maxx, maxy = tile.bounds
-    return bool(minx <= float(x) < maxx and miny < float(y) <= maxy)
+def _check_lonlat(ring, where: str) -> None:
+    for lon, lat in ring:
+        if not (-180 <= lon <= 180 and -90 <= lat <= 90):
+            swapped = -90 <= lon <= 90 and -180 <= lat <= 180
+            raise TileError(f"{where}: coordinate ({lon}, {lat}) is not lon/lat in degrees (CRS84)"
+                            + ("; it looks like [lat, lon] order — GeoJSON positions are [lon, lat]" if swapped else
+                               "; reproject the AOI to EPSG:4326"))
 
 
 def parse_bbox(text: str) -> AOI:
@@ -406,6 +466,175 @@ def parse_bbox(text: str) -> AOI:
     if len(parts) != 4:
         raise TileError(f"bbox {text!r} must have 4 numbers (minlon,minlat,maxlon,maxlat), got {len(parts)}")
     return AOI.from_bbox(*parts)
+
+
+def load_aoi(*, bbox: str | None = None, geojson: str | Path | None = None, file: str | Path | None = None) -> AOI:
+    """The AOI from exactly one of a bbox string, a GeoJSON file/text or any vector file."""
+    given = [v for v in (bbox, geojson, file) if v]
+    if len(given) != 1:
+        raise TileError("give exactly one AOI: --bbox minlon,minlat,maxlon,maxlat, --geojson FILE or --file "
+                        "VECTOR_FILE (GeoPackage, Shapefile, GeoParquet, ...)")
+    if bbox:
+        return parse_bbox(bbox)
+    if geojson:
+        return AOI.from_geojson(geojson)
+    return AOI.from_file(file)
+
+
+# --- AOI → tiles -------------------------------------------------------------------------------------
+@lru_cache(maxsize=128)
+def _zone_squares(epsg: int) -> dict[tuple[int, int], str]:
+    """Sentinel-2 tiles of one UTM zone and hemisphere, by their 100 km square (easting/1e5, northing/1e5).
+
+    Keyed by geometry, not by name: a square that straddles a latitude-band edge is one tile, named
+    with whichever band letter ESA's list uses (30UVU, not 30TVU).
+    """
+    zone, north = epsg % 100, epsg < 32700
+    out: dict[tuple[int, int], str] = {}
+    prefix = f"{zone:02d}"
+    for name in s2_tile_names():
+        if name.startswith(prefix) and (name[2] >= "N") == north:
+            t = mgrs_tile(name)
+            out[(int(t.x0 // SQUARE_M) + (1 if t.x0 % SQUARE_M else 0), int(round(t.y0 / SQUARE_M)) - 1)] = name
+    return out
+
+
+def _project(geom, src: int, dst: int):
+    import shapely
+
+    tr = _transformer(src, dst)
+    return shapely.transform(geom, lambda xy: np.column_stack(tr.transform(xy[:, 0], xy[:, 1])))
+
+
+def _tile_box(tile: Tile):
+    import shapely
+
+    return shapely.box(*tile.bounds)
+
+
+def _interior_hits(boxes, geom) -> np.ndarray:
+    """Boxes whose interiors meet the geometry's interior (touching along an edge does not count)."""
+    import shapely
+
+    return shapely.intersects(boxes, geom) & ~shapely.touches(boxes, geom)
+
+
+def aoi_tile_pieces(aoi: AOI) -> list[tuple[str, object]]:
+    """(MGRS tile, the part of the AOI that tile serves, in the tile's UTM CRS), covering the AOI exactly.
+
+    The AOI is cut by UTM zone and hemisphere, projected, and intersected with the 100 km MGRS squares
+    of the zone: each square's part goes to its Sentinel-2 tile. What no square tile covers (partial
+    squares at zone edges) goes to the tiles of the neighbouring zones that reach over the edge.
+    """
+    import shapely
+
+    minlon, minlat, maxlon, maxlat = aoi.bbox()
+    if minlat < -80 or maxlat > 84:
+        raise TileError("the AOI reaches beyond 80°S..84°N, where Sentinel-2 has no MGRS tiles; clip it")
+    geom = aoi.geometry
+    if geom.is_empty or geom.area == 0:
+        raise TileError("the AOI has no area (a degenerate polygon); give a polygon with distinct corners")
+    pieces: list[tuple[str, object]] = []
+    zones = range(int(math.floor((minlon + 180) / 6)), int(math.floor((min(maxlon, 179.999999) + 180) / 6)) + 1)
+    for zi in zones:
+        lon0 = -180.0 + 6 * zi
+        for north, (la0, la1) in ((True, (0.0, 84.0)), (False, (-80.0, 0.0))):
+            part = shapely.intersection(geom, shapely.box(lon0, la0, lon0 + 6, la1))
+            if part.is_empty or part.area == 0:
+                continue
+            epsg = (32600 if north else 32700) + zi + 1
+            part_utm = _project(shapely.segmentize(part, _DENSIFY_DEG), 4326, epsg)
+            squares = _zone_squares(epsg)
+            bx0, by0, bx1, by1 = part_utm.bounds
+            keys = [(ix, iy) for ix in range(int(bx0 // SQUARE_M), int(bx1 // SQUARE_M) + 1)
+                    for iy in range(int(by0 // SQUARE_M), int(by1 // SQUARE_M) + 1) if (ix, iy) in squares]
+            covered = []
+            if keys:
+                arr = np.array(keys, dtype=float) * SQUARE_M
+                boxes = shapely.box(arr[:, 0], arr[:, 1], arr[:, 0] + SQUARE_M, arr[:, 1] + SQUARE_M)
+                hit = _interior_hits(boxes, part_utm)
+                for key, box in zip(np.array(keys)[hit], boxes[hit]):
+                    pieces.append((squares[tuple(key)], shapely.intersection(box, part_utm)))
+                    covered.append(box)
+            left = shapely.difference(part_utm, shapely.union_all(covered)) if covered else part_utm
+            if left.area > 1.0:  # m²: partial squares at the zone edge → the neighbouring zones' tiles
+                pieces.extend(_neighbour_pieces(_project(left, epsg, 4326), epsg))
+    if not pieces:
+        raise TileError("the AOI lies outside every Sentinel-2 tile (the S2 grid does not cover the open ocean); "
+                        "check the coordinates (lon, lat order)")
+    return pieces
+
+
+def _neighbour_pieces(left_lonlat, epsg: int) -> list[tuple[str, object]]:
+    import shapely
+
+    out = []
+    zone = epsg % 100
+    for dz in (-1, 1):
+        nz = (zone - 1 + dz) % 60 + 1
+        nepsg = epsg - zone + nz
+        left = _project(left_lonlat, 4326, nepsg)
+        if left.is_empty or left.area <= 1.0:
+            continue
+        bx0, by0, bx1, by1 = left.bounds
+        cands = []
+        for name in _zone_squares(nepsg).values():
+            t = mgrs_tile(name)
+            tx0, ty0, tx1, ty1 = t.bounds
+            if tx0 < bx1 and bx0 < tx1 and ty0 < by1 and by0 < ty1:
+                box = _tile_box(t)
+                area = shapely.intersection(box, left).area
+                if area > 0:
+                    cands.append((area, name, box))
+        for _, name, box in sorted(cands, key=lambda c: (-c[0], c[1])):  # greedy: largest share first
+            piece = shapely.intersection(box, left)
+            if piece.area > 1.0:
+                out.append((name, piece))
+                left = shapely.difference(left, box)
+            if left.area <= 1.0:
+                return out
+        left_lonlat = _project(left, nepsg, 4326)
+    return out
+
+
+def tiles_for_aoi(aoi: AOI, *, k: int = 1) -> list[str]:
+    """Tile keys (whole tiles, or k×k sub-tiles) whose footprints together cover the AOI exactly.
+
+    Every part of the AOI is served by one tile (the tile of its MGRS square, or at zone edges a
+    neighbouring zone's tile reaching over); with k > 1, the sub-tiles of that tile whose squares meet
+    that part. Touching along an edge does not count as covering.
+    """
+    import shapely
+
+    if k < 1 or TILE_PIXELS % k:
+        raise TileError(f"sub-tiling k={k} does not divide {TILE_PIXELS}; use one of "
+                        f"{', '.join(map(str, valid_subdivisions()[:16]))}, …")
+    keys: set[str] = set()
+    size_m = TILE_PIXELS // k * PIXEL_SIZE_M
+    for name, piece in aoi_tile_pieces(aoi):
+        if k == 1:
+            keys.add(name)
+            continue
+        tile = mgrs_tile(name)
+        bx0, by0, bx1, by1 = piece.bounds
+        c0, c1 = max(0, int((bx0 - tile.x0) // size_m)), min(k - 1, int((bx1 - tile.x0) // size_m))
+        r0, r1 = max(0, int((tile.y0 - by1) // size_m)), min(k - 1, int((tile.y0 - by0) // size_m))
+        rr, cc = np.meshgrid(np.arange(r0, r1 + 1), np.arange(c0, c1 + 1), indexing="ij")
+        rr, cc = rr.ravel(), cc.ravel()
+        x0 = tile.x0 + cc * size_m
+        y1 = tile.y0 - rr * size_m
+        boxes = shapely.box(x0, y1 - size_m, x0 + size_m, y1)
+        shapely.prepare(piece)
+        hit = _interior_hits(boxes, piece)
+        keys.update(subtile(name, k, int(r), int(c)).key for r, c in zip(rr[hit], cc[hit]))
+    return sorted(keys)
+
+
+def tile_footprint_lonlat(tile: Tile, step_m: float = 1000.0):
+    """The tile's footprint as a lon/lat polygon (edges densified)."""
+    import shapely
+
+    return _project(shapely.segmentize(_tile_box(tile), step_m), tile.epsg, 4326)
 
 
 def chip_windows(height: int, width: int, chip: int) -> list[tuple[int, int, int, int]]:

@@ -15,11 +15,14 @@ TILE_MONTH = dg.MultiPartitionsDefinition({"month": MONTHS, "tile": TILES})
 
 
 def add_tiles(instance: dg.DagsterInstance, keys: list[str]) -> list[str]:
-    """Add tile keys as ``tiles`` partitions (validated first); returns the ones that were new."""
-    from .grid import parse_tile_key
+    """Add tile keys as ``tiles`` partitions (validated and normalised first); returns the ones that were new.
 
-    for key in keys:
-        parse_tile_key(key)  # refuse malformed keys before they become partitions
+    Keys are stored in their canonical spelling (``31UFU-k36-r21-c012`` → ``31UFU-k36-r21-c12``), so one tile
+    never becomes two partitions.
+    """
+    from .grid import canonical_tile_key
+
+    keys = [canonical_tile_key(key) for key in keys]  # refuse malformed keys before they become partitions
     existing = set(instance.get_dynamic_partitions(TILES.name))
     new = [k for k in dict.fromkeys(keys) if k not in existing]
     if new:

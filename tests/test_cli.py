@@ -25,7 +25,10 @@ def test_tiles_add_and_list_use_the_instance(tmp_path, monkeypatch, capsys):
     (["tiles", "add", "31UFU-k7-r0-c0"], "does not divide"),
     (["tiles", "add", "T31UFU"], "unknown tile key"),
     (["tiles", "for-aoi", "--bbox", "5,53,4,52"], "min < max"),
-    (["tiles", "for-aoi", "--bbox=-140,-40,-139.9,-39.9"], "open ocean"),
+    (["tiles", "for-aoi", "--bbox", "45.1,120.2,45.3,120.4"], "lat/lon are swapped"),
+    (["tiles", "for-aoi", "--bbox", "5,52,6,53", "--geojson", "x.geojson"], "exactly one AOI"),
+    (["tiles", "for-aoi", "--file", "no-such.gpkg"], "does not exist"),
+    (["tiles", "add", "--file", "no-such.gpkg"], "does not exist"),
 ])
 def test_bad_input_exits_2_with_the_reason(tmp_path, monkeypatch, capsys, args, fragment):
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))

@@ -84,9 +84,9 @@ def test_partial_square_at_zone_edge_falls_to_the_neighbouring_zone():
     assert tiles_for_aoi(AOI.from_bbox(0.01, 5.0, 0.05, 5.05)) == ["30NZL"]
 
 
-def test_open_ocean_is_refused():
-    with pytest.raises(TileError, match="open ocean"):
-        tiles_for_aoi(AOI.from_bbox(-140.0, -40.0, -139.9, -39.9))
+def test_square_across_a_band_edge_is_found_under_the_band_letter_esa_uses():
+    # ESA's tiling grid covers the ocean too: this 100 km square straddles 40°S and is listed as 07GER
+    assert tiles_for_aoi(AOI.from_bbox(-140.0, -40.0, -139.9, -39.9)) == ["07GER"]
 
 
 def test_norway_exception_is_not_applied():
@@ -137,3 +137,181 @@ def test_chip_windows_cover_whole_chips_only():
     w = chip_windows(305, 305, 64)
     assert len(w) == 16 and w[-1] == (3, 3, 192, 192)
     assert chip_windows(100, 100, 224) == []
+
+
+# --- exact AOI coverage (issue 11) ------------------------------------------------------------------
+def _footprints(keys):
+    import shapely
+
+    from rs_embed_assets.grid import tile_footprint_lonlat
+
+    return shapely.union_all([tile_footprint_lonlat(parse_tile_key(k), step_m=500) for k in keys])
+
+
+def assert_covers_exactly(aoi, keys):
+    """Every AOI point lies in a returned tile; every returned tile holds part of the AOI."""
+    import shapely
+
+    from rs_embed_assets.grid import tile_footprint_lonlat
+
+    geom = aoi.geometry
+    missed = shapely.difference(geom, _footprints(keys)).area / geom.area
+    assert missed < 1e-7, f"{missed:.2e} of the AOI lies outside the returned tiles {keys[:5]}…"
+    for k in keys:
+        share = shapely.intersection(tile_footprint_lonlat(parse_tile_key(k), step_m=500), geom).area
+        assert share > 0, f"{k} does not intersect the AOI"
+
+
+@pytest.mark.parametrize("bbox, tile", [
+    ("-3.56,47.86,-3.54,47.88", "30UVU"),  # land at the T/U band edge: ESA names the square 30UVU, not 30TVU
+    ("8.94,47.91,8.96,47.93", "32UMU"),
+])
+def test_band_edge_land_gets_its_real_tile(bbox, tile):
+    aoi = parse_bbox(bbox)
+    assert tiles_for_aoi(aoi) == [tile]
+    assert_covers_exactly(aoi, [tile])
+
+
+@pytest.mark.parametrize("aoi", [
+    AOI.from_bbox(-2.0, 43.0, 8.0, 51.0),          # three zones, two latitude bands
+    AOI.from_bbox(5.998, 44.0, 6.002, 52.0),        # a 0.004°-wide strip along the 6°E zone edge
+    AOI.from_bbox(-0.3, -1.2, 0.3, 1.2),            # across the equator and the 0° zone edge
+], ids=["france", "strip-6E", "equator"])
+def test_tiles_cover_the_aoi_exactly(aoi):
+    assert_covers_exactly(aoi, tiles_for_aoi(aoi))
+
+
+def test_subtiles_cover_the_aoi_exactly_across_a_zone_edge():
+    aoi = AOI.from_bbox(5.7, 49.8, 6.3, 50.2)
+    keys = tiles_for_aoi(aoi, k=10)
+    assert {k[:2] for k in keys} >= {"31"}
+    assert_covers_exactly(aoi, keys)
+
+
+def test_a_hole_drops_the_subtiles_it_contains():
+    t = subtile("31UFU", 36, 10, 10)
+    lon0, lat0, lon1, lat1 = t.lonlat_bounds()
+    pad = 0.02
+    outer = [[lon0 - pad, lat0 - pad], [lon1 + pad, lat0 - pad], [lon1 + pad, lat1 + pad], [lon0 - pad, lat1 + pad],
+             [lon0 - pad, lat0 - pad]]
+    hole = [[lon0 - 0.005, lat0 - 0.005], [lon1 + 0.005, lat0 - 0.005], [lon1 + 0.005, lat1 + 0.005],
+            [lon0 - 0.005, lat1 + 0.005], [lon0 - 0.005, lat0 - 0.005]]
+    with_hole = AOI.from_geojson({"type": "Polygon", "coordinates": [outer, hole]})
+    solid = AOI.from_geojson({"type": "Polygon", "coordinates": [outer]})
+    assert t.key in tiles_for_aoi(solid, k=36)
+    keys = tiles_for_aoi(with_hole, k=36)
+    assert t.key not in keys and len(keys) == len(tiles_for_aoi(solid, k=36)) - 1
+    assert_covers_exactly(with_hole, keys)
+
+
+def test_multipolygon_parts_far_apart_give_only_their_tiles():
+    gj = {"type": "MultiPolygon", "coordinates": [
+        [[[5.10, 52.60], [5.12, 52.60], [5.12, 52.61], [5.10, 52.60]]],
+        [[[-3.56, 47.86], [-3.54, 47.86], [-3.54, 47.88], [-3.56, 47.86]]]]}
+    assert tiles_for_aoi(AOI.from_geojson(gj)) == ["30UVU", "31UFU"]
+
+
+@pytest.mark.parametrize("bbox, fragment", [
+    ("45.1,120.2,45.3,120.4", "lat/lon are swapped"),    # latitude outside ±90, longitudes fit as latitudes
+    ("10,85,11,86", "beyond 80°S..84°N"),
+])
+def test_swapped_or_polar_bbox_is_refused(bbox, fragment):
+    with pytest.raises(TileError, match=fragment):
+        parse_bbox(bbox)
+
+
+@pytest.mark.parametrize("obj, fragment", [
+    ([1, 2, 3], "not a GeoJSON object"),
+    ({"type": "Polygon", "coordinates": []}, "empty coordinates"),
+    ({"type": "Polygon", "coordinates": [[[5, 52], [6, 52], [5, 52]]]}, "at least 4"),
+    ({"type": "Polygon", "coordinates": [[[5, 52], [6, "x"], [6, 53], [5, 52]]]}, "positions are"),
+    ({"type": "Polygon", "coordinates": [[[45, 120], [45, 121], [46, 121], [45, 120]]]}, r"\[lat, lon\] order"),
+    ({"type": "MultiPolygon", "coordinates": []}, "no coordinates"),
+    ({"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": None}]}, "no polygons"),
+])
+def test_bad_geojson_gets_a_clear_error(obj, fragment):
+    with pytest.raises(TileError, match=fragment):
+        AOI.from_geojson(json.dumps(obj))
+
+
+def test_degenerate_polygon_is_refused():
+    aoi = AOI.from_geojson({"type": "Polygon", "coordinates": [[[5, 52], [6, 52], [7, 52], [5, 52]]]})
+    with pytest.raises(TileError, match="no area"):
+        tiles_for_aoi(aoi)
+
+
+@pytest.mark.parametrize("ext", ["gpkg", "shp", "parquet", "geojson"])
+def test_aoi_from_vector_files_in_any_crs(tmp_path, ext):
+    import geopandas as gpd
+    import shapely
+
+    poly = shapely.box(5.041, 52.638, 5.087, 52.646)
+    gdf = gpd.GeoDataFrame({"name": ["hoorn"]}, geometry=[poly], crs="EPSG:4326").to_crs("EPSG:28992")
+    path = tmp_path / f"aoi.{ext}"
+    if ext == "parquet":
+        gdf.to_parquet(path)
+    elif ext == "geojson":
+        gdf.to_crs("EPSG:4326").to_file(path, driver="GeoJSON")
+    else:
+        gdf.to_file(path)
+    keys = tiles_for_aoi(AOI.from_file(path), k=36)
+    assert keys == ["31UFU-k36-r21-c12", "31UFU-k36-r21-c13"]
+
+
+def test_unreadable_vector_file_names_the_file(tmp_path):
+    bad = tmp_path / "aoi.gpkg"
+    bad.write_bytes(b"not a geopackage")
+    with pytest.raises(TileError, match="aoi.gpkg could not be read"):
+        AOI.from_file(bad)
+
+
+# --- canonical tile keys ---------------------------------------------------------------------------
+def test_non_canonical_tile_key_is_refused_naming_the_canonical_one():
+    from rs_embed_assets.grid import canonical_tile_key
+
+    with pytest.raises(TileError, match="'31UFU-k36-r21-c12'"):
+        parse_tile_key("31UFU-k36-r21-c012")
+    assert canonical_tile_key("31UFU-k36-r21-c012") == "31UFU-k36-r21-c12"
+    assert canonical_tile_key(" 31ufu-k36-r5-c7 ") == "31UFU-k36-r05-c07"
+
+
+def test_adding_two_spellings_of_one_tile_makes_one_partition():
+    import dagster as dg
+
+    from rs_embed_assets.partitions import TILES, add_tiles
+
+    with dg.instance_for_test() as instance:
+        assert add_tiles(instance, ["31UFU-k36-r21-c012"]) == ["31UFU-k36-r21-c12"]
+        assert add_tiles(instance, ["31UFU-k36-r21-c12", "31UFU-k36-r021-c12"]) == []
+        assert instance.get_dynamic_partitions(TILES.name) == ["31UFU-k36-r21-c12"]
+
+
+# --- the AOI sensor ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("content", ["[1, 2, 3]", '{"type": "Polygon", "coordinates": []}', "{not json",
+                                     '{"type": "Polygon", "coordinates": [[[5,52],[6,52],[6,53],[5,52]]], "subtile_k": "x"}'])
+def test_aoi_sensor_skips_a_bad_file_with_the_reason(tmp_path, monkeypatch, content):
+    import dagster as dg
+
+    from rs_embed_assets.automation import AOI_FILE_ENV, aoi_tiles_sensor
+
+    path = tmp_path / "aoi.geojson"
+    path.write_text(content)
+    monkeypatch.setenv(AOI_FILE_ENV, str(path))
+    with dg.instance_for_test() as instance:
+        result = aoi_tiles_sensor(dg.build_sensor_context(instance=instance))
+    assert isinstance(result, dg.SkipReason) and "is not usable" in result.skip_message
+
+
+def test_aoi_sensor_reads_a_geopackage(tmp_path, monkeypatch):
+    import dagster as dg
+    import geopandas as gpd
+    import shapely
+
+    from rs_embed_assets.automation import AOI_FILE_ENV, aoi_tiles_sensor
+
+    path = tmp_path / "aoi.gpkg"
+    gpd.GeoDataFrame(geometry=[shapely.box(5.10, 52.60, 5.12, 52.61)], crs="EPSG:4326").to_file(path)
+    monkeypatch.setenv(AOI_FILE_ENV, str(path))
+    with dg.instance_for_test() as instance:
+        result = aoi_tiles_sensor(dg.build_sensor_context(instance=instance))
+    assert result.dynamic_partitions_requests[0].partition_keys == ["31UFU"]
