@@ -15,6 +15,7 @@ look in the local hub cache before asking the network.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import shutil
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from .base import CheckpointError, CheckpointSource, env_bool, env_int, env_str
+from .redact import redact_text, redact_url, split_credentials
 
 
 @dataclass(frozen=True)
@@ -49,30 +51,32 @@ def default_cache_dir(model_key: str) -> Path:
     return Path(os.path.expanduser("~/.cache/rs_embed")) / model_key
 
 
-def _redact(url: str) -> str:
-    """Drop query strings (tokens, rlkeys) from a URL before it reaches logs or metadata."""
-    return url.split("?", 1)[0]
-
-
 def download_url(url: str, dst: Path, *, min_bytes: int = 0, timeout: float = 180.0) -> Path:
     """Download to a temporary file beside ``dst``, check its size, then rename into place."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".part", dir=dst.parent)
     tmp = Path(tmp_name)
+    plain_url, credentials = split_credentials(url)  # user:password@ travels as a header, not in the URL
+    request = urllib.request.Request(plain_url)
+    if credentials is not None:
+        token = base64.b64encode(f"{credentials[0]}:{credentials[1]}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
     try:
         with os.fdopen(fd, "wb") as out:
+            failure = None
             try:
-                with urllib.request.urlopen(url, timeout=timeout) as resp:
+                with urllib.request.urlopen(request, timeout=timeout) as resp:
                     shutil.copyfileobj(resp, out, length=1 << 20)
-            except (urllib.error.URLError, TimeoutError, OSError) as exc:
+            except (urllib.error.URLError, TimeoutError, OSError, ValueError) as exc:
+                failure = redact_text(f"{type(exc).__name__}: {exc}")
+            if failure is not None:  # raised outside the handler: the cause (which may hold the URL) is not chained
                 raise CheckpointError(
-                    f"downloading {_redact(url)} failed ({exc}); check the network, or download the file by hand "
-                    f"and point the *_CKPT variable at it"
-                ) from exc
+                    f"downloading {redact_url(url)} failed ({failure}); check the network, or download the file by "
+                    f"hand and point the *_CKPT variable at it")
         size = tmp.stat().st_size
         if size < min_bytes:
             raise CheckpointError(
-                f"download of {_redact(url)} gave {size} bytes, fewer than the expected minimum {min_bytes}; "
+                f"download of {redact_url(url)} gave {size} bytes, fewer than the expected minimum {min_bytes}; "
                 "the file is truncated or the URL returned an error page — retry, or download it by hand"
             )
         os.replace(tmp, dst)
@@ -114,7 +118,7 @@ def resolve_checkpoint(source: CheckpointSource, *, model_key: str, local_path: 
             f"set {p}_CKPT to a local copy of {source.filename} or allow the download"
         )
     download_url(url, cached, min_bytes=min_bytes)
-    return ResolvedCheckpoint(cached.resolve(), "download", _redact(url))
+    return ResolvedCheckpoint(cached.resolve(), "download", redact_url(url))
 
 
 def _resolve_hf(source: CheckpointSource, *, allow: bool, min_bytes: int) -> ResolvedCheckpoint:
@@ -135,11 +139,14 @@ def _resolve_hf(source: CheckpointSource, *, allow: bool, min_bytes: int) -> Res
                 f"{uri} is not in the Hugging Face cache and {source.env_prefix}_AUTO_DOWNLOAD=0; set "
                 f"{source.env_prefix}_CKPT to a local copy or allow the download"
             ) from None
+        failure = None
         try:
             path = Path(hf_hub_download(source.hf_repo, source.filename, cache_dir=cache_dir, endpoint=endpoint))
         except Exception as exc:  # hub raises many HTTP/offline error types
-            raise CheckpointError(f"downloading {uri} failed ({type(exc).__name__}: {exc}); check network/"
-                                  f"HF_TOKEN, or set {source.env_prefix}_CKPT to a local copy") from exc
+            failure = redact_text(f"{type(exc).__name__}: {exc}")
+        if failure is not None:  # not chained: the hub's exception may quote a mirror URL with credentials
+            raise CheckpointError(f"downloading {uri} failed ({failure}); check network/HF_TOKEN, or set "
+                                  f"{source.env_prefix}_CKPT to a local copy")
         origin = "hf_download"
     if path.stat().st_size < min_bytes:
         raise CheckpointError(f"{uri} in the cache is {path.stat().st_size} bytes (< {min_bytes}); it is "

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
 import dagster as dg
 
 from .composite import parse_month
+from .settings import start_month
 
 TILES = dg.DynamicPartitionsDefinition(name="tiles")
-START_MONTH = parse_month(os.environ.get("RS_EMBED_ASSETS_START_MONTH", "2024-01"))
+START_MONTH = start_month()  # RS_EMBED_ASSETS_START_MONTH, validated (the error names the variable)
 MONTHS = dg.MonthlyPartitionsDefinition(start_date=f"{START_MONTH}-01", end_offset=0)
 TILE_MONTH = dg.MultiPartitionsDefinition({"month": MONTHS, "tile": TILES})
 

@@ -18,3 +18,15 @@ def enabled_models() -> list[str]:
     if unknown:
         raise ValueError(f"RS_EMBED_ASSETS_MODELS names unknown models {unknown}; known: {', '.join(known)}")
     return chosen
+
+
+def start_month() -> str:
+    """RS_EMBED_ASSETS_START_MONTH (YYYY-MM, default 2024-01): the first monthly partition."""
+    from .composite import CompositeError, parse_month
+
+    raw = os.environ.get("RS_EMBED_ASSETS_START_MONTH", "").strip() or "2024-01"
+    try:
+        return parse_month(raw)
+    except CompositeError:
+        raise CompositeError(f"RS_EMBED_ASSETS_START_MONTH={raw!r} is not a month; set it to YYYY-MM (e.g. 2024-01) "
+                             "or unset it for the default 2024-01") from None

@@ -5,7 +5,6 @@ Parquet vectors + a zarr grid + a manifest per partition, and takes a slot of th
 """
 
 import dagster as dg
-import numpy as np
 
 import adapters
 
@@ -43,7 +42,9 @@ def build_embedding_asset(model_id: str) -> dg.AssetsDefinition:
     spec = adapters.get_spec(model_id)
     key = dg.AssetKey(["embeddings", model_id])
     check = dg.AssetCheckSpec("vectors_complete_and_finite", asset=key,
-                              description="Every embedded chip has one finite vector of the model's dimension.")
+                              description="Every chip of the lattice is counted; every embedded chip has one finite, "
+                                          "non-zero, non-constant vector of the model's dimension and the "
+                                          "valid fraction its composite says.")
     frames = _frames(model_id)
     frames_note = (f" Each partition uses the {frames} monthly composites M-{frames - 1} … M of its tile; a missing "
                    "or empty month is replaced by the nearest month of the window that has data."
@@ -120,17 +121,9 @@ def _metadata(adapter, checkpoint: dict, manifests: list[dict]) -> dict:
 
 
 def _check(storage, model_id: str, manifests: list[dict], dim: int) -> dg.AssetCheckResult:
-    import pyarrow.parquet as pq
+    from ..checks import partition_problems  # finite, non-zero, non-constant vectors; counts; valid fractions
 
-    problems = []
-    for m in manifests:
-        table = pq.read_table(m["vectors_path"], columns=["embedding"])
-        if table.num_rows != m["chips_embedded"]:
-            problems.append(f"{m['tile']}/{m['month']}: {table.num_rows} rows, {m['chips_embedded']} chips embedded")
-        if table.num_rows:
-            vec = np.asarray(table.column("embedding").combine_chunks().flatten()).reshape(table.num_rows, -1)
-            if vec.shape[1] != dim or not np.isfinite(vec).all():
-                problems.append(f"{m['tile']}/{m['month']}: vectors {vec.shape} not finite/{dim}-d")
+    problems = [p for m in manifests for p in partition_problems(storage, model_id, m, dim)]
     return dg.AssetCheckResult(check_name="vectors_complete_and_finite", passed=not problems,
                                metadata={"problems": "; ".join(problems) or "none"})
 

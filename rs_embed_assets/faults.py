@@ -1,0 +1,29 @@
+"""Fault injection for crash-safety tests: ``RS_EMBED_ASSETS_FAULT=<step>`` kills the writer there.
+
+Write paths call ``fault_point("<step>")`` between their steps (``composite``, ``grid``, ``vectors``,
+``manifest``, ``catalog``, ``checkpoint``, with ``:before``/``:after`` suffixes where a step has
+two sides). Unset (always, outside tests), a call is one dictionary lookup. Set to a step name, the
+process sends itself SIGKILL when it reaches that point: no ``finally`` block, no atexit handler,
+no flush — exactly what an OOM kill or a lost node does. ``RS_EMBED_ASSETS_FAULT_SKIP=<n>`` lets the
+first n hits pass (kill on the second partition of a range run, say).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+ENV = "RS_EMBED_ASSETS_FAULT"
+SKIP_ENV = "RS_EMBED_ASSETS_FAULT_SKIP"
+_hits: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """Die here (SIGKILL) when ``RS_EMBED_ASSETS_FAULT`` names this point; otherwise do nothing."""
+    wanted = os.environ.get(ENV)
+    if not wanted or wanted != name:
+        return
+    _hits[name] = _hits.get(name, 0) + 1
+    if _hits[name] <= int(os.environ.get(SKIP_ENV, "0") or 0):
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
