@@ -18,8 +18,20 @@ Sentinel-1 (``COPERNICUS/S1_GRD_FLOAT``, linear σ0; or ``COPERNICUS/S1_GRD`` in
     collection) · VV and VH present · median (or mosaic) · ``valid_count``; invalid pixels are NaN.
 
 An empty collection is not an exception: the composite is ``empty_composite`` with the reason and
-the per-filter scene counts in ``provider_info``. Quota (429), 5xx, timeouts and "Too many
-concurrent aggregations" are retried with exponential backoff and jitter; other errors fail fast.
+the per-filter scene counts in ``provider_info``.
+
+Robustness: this module is the only retry layer (earthengine-api's own retries are set to 0 with
+``ee.data.setMaxRetries`` at initialisation, so attempts never multiply). Transient failures are
+retried with exponential backoff and jitter: HTTP 429/500/502/503/504 (by status code), dropped or
+failed connections (DNS failure, connection reset/refused, ``ssl.SSLEOFError``,
+``http.client.IncompleteRead``, google-auth ``TransportError``, request timeouts), and the few Earth
+Engine messages that mean "try again" (matched at the start of the message: "Too many concurrent
+aggregations", "Computation timed out", "Quota exceeded", ...). Everything else is permanent and fails
+at once — a number or "timed out" elsewhere in an error's text does not make it transient. Every
+request has a deadline (``request_timeout_s``, default 300 s, ``ee.data.setDeadline``). The number of
+requests in flight is bounded per process (``RS_EMBED_GEE_MAX_CONCURRENT``, default 8) however many
+composites run at once, and a tile fails as soon as one of its blocks failed for good: its other blocks
+stop (queued, waiting or backing off) and the composite raises without waiting for them.
 
 Authentication follows Earth Engine conventions: a service-account key file (``service_account_key``
 or ``GOOGLE_APPLICATION_CREDENTIALS``), otherwise application-default credentials, otherwise the
@@ -31,6 +43,7 @@ under a lock. Credentials and key contents are never logged nor recorded.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import http.client
 import importlib
 import json
 import logging
@@ -39,6 +52,7 @@ import os
 import random
 import re
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -69,17 +83,64 @@ COUNT_BAND = "valid_count"
 DEFAULT_SCL_EXCLUDE = (0, 1, 3, 8, 9, 10)
 _DTYPE_BYTES = {"uint16": 2, "float32": 4}
 
-_RETRYABLE = re.compile(
-    r"\b429\b|too many requests|quota exceeded|capacity exceeded|rate limit|resource[_ ]exhausted|too many concurrent aggregations|"
-    r"computation timed out|deadline exceeded|timed? ?out|\b50[0234]\b|internal error|backend error|"
-    r"service unavailable|bad gateway|temporarily unavailable|connection (?:reset|aborted|refused)|"
-    r"remote end closed", re.IGNORECASE)
+DEFAULT_REQUEST_TIMEOUT_S = 300.0  # Earth Engine's own limit on an interactive computation is ~5 min
+DEFAULT_MAX_CONCURRENT = 8  # computePixels requests in flight per process
+MAX_CONCURRENT_ENV = "RS_EMBED_GEE_MAX_CONCURRENT"
+_RETRY_STATUS = {429, 500, 502, 503, 504}
+# Earth Engine messages (EEException carries the server's message, not its status) that mean "try again";
+# matched at the START of the message only, so an asset id or a number elsewhere in the text never counts.
+_RETRYABLE_MESSAGE = re.compile(
+    r"^\s*(?:too many concurrent aggregations|computation timed out|too many requests|quota exceeded|"
+    r"rate limit exceeded|resource[_ ]exhausted|earth engine (?:memory )?capacity exceeded|"
+    r"an internal error has occurred|internal error\.?$|the service is currently unavailable|backend error|"
+    r"deadline exceeded|(?:internal server error|bad gateway|service unavailable|gateway timeout)\s*$)",
+    re.IGNORECASE)
+# transient transport failures, by type (checked along the exception's cause/context chain)
+_TRANSIENT_TYPES: tuple[type[BaseException], ...] = (
+    TimeoutError, socket.timeout, ConnectionError, socket.gaierror, ssl.SSLEOFError, ssl.SSLZeroReturnError,
+    http.client.IncompleteRead, http.client.RemoteDisconnected, http.client.BadStatusLine)
+_TRANSIENT_TYPE_NAMES = {  # third-party classes, by name so no import is needed
+    "TransportError",  # google.auth.exceptions.TransportError (token refresh over the network)
+    "ServerNotFoundError",  # httplib2: DNS failure
+    "ProtocolError", "ReadTimeoutError", "ConnectTimeoutError", "NewConnectionError",  # urllib3
+    "ReadTimeout", "ConnectTimeout", "ChunkedEncodingError",  # requests
+}
 _TOO_LARGE = re.compile(r"total request size|user memory limit exceeded|response size exceeds|too many pixels",
                         re.IGNORECASE)
 
-# --- process-wide initialisation ----------------------------------------------------------------------
+# --- process-wide initialisation and concurrency ------------------------------------------------------
 _INIT_LOCK = threading.Lock()
 _INIT_STATE: dict[str, Any] = {"key": None}
+_SLOTS_LOCK = threading.Lock()
+_SLOTS: dict[str, Any] = {"limit": None, "sem": None}
+
+
+def process_slots(limit: int | None = None) -> threading.BoundedSemaphore:
+    """The process-wide bound on Earth Engine requests in flight (all composites, all threads).
+
+    Sized once from ``limit``, else ``RS_EMBED_GEE_MAX_CONCURRENT``, else 8; ``set_max_concurrent``
+    resizes it (tests, or before the first composite).
+    """
+    with _SLOTS_LOCK:
+        if _SLOTS["sem"] is None:
+            n = limit or int(os.environ.get(MAX_CONCURRENT_ENV) or DEFAULT_MAX_CONCURRENT)
+            if n < 1:
+                raise ProviderError(f"{MAX_CONCURRENT_ENV}={n} must be >= 1")
+            _SLOTS.update(limit=n, sem=threading.BoundedSemaphore(n))
+        return _SLOTS["sem"]
+
+
+def set_max_concurrent(limit: int | None) -> None:
+    """Resize the process-wide request bound (None: from the environment on next use)."""
+    with _SLOTS_LOCK:
+        _SLOTS.update(limit=None, sem=None)
+    if limit is not None:
+        process_slots(limit)
+
+
+def max_concurrent() -> int:
+    process_slots()
+    return int(_SLOTS["limit"])
 
 
 def reset_initialization() -> None:
@@ -137,29 +198,44 @@ def _split(block: Block) -> list[Block]:
 
 # --- errors -------------------------------------------------------------------------------------------
 def _status_code(exc: BaseException) -> int | None:
-    for attr in ("status_code", "code", "status"):
-        v = getattr(exc, attr, None)
-        if isinstance(v, int):
-            return v
+    """The HTTP status an exception carries (HttpError.resp.status, .status_code, .code), if any."""
     resp = getattr(exc, "resp", None)  # googleapiclient.errors.HttpError
-    v = getattr(resp, "status", None)
-    try:
-        return int(v) if v is not None else None
-    except (TypeError, ValueError):
-        return None
+    candidates = [getattr(resp, "status", None)] + [getattr(exc, a, None) for a in ("status_code", "status", "code")]
+    for v in candidates:
+        if isinstance(v, bool):
+            continue
+        try:
+            code = int(v) if isinstance(v, (int, str)) else None
+        except ValueError:
+            code = None
+        if code is not None and 100 <= code <= 599:
+            return code
+    return None
+
+
+def _chain(exc: BaseException):
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
 
 
 def is_retryable(exc: BaseException) -> bool:
-    """Quota (429), server errors (5xx), timeouts, dropped connections, concurrent-aggregation limits."""
-    if isinstance(exc, (TimeoutError, socket.timeout, ConnectionError)):
-        return True
-    code = _status_code(exc)
-    if code is not None and (code == 429 or 500 <= code < 600):
-        return True
-    name = type(exc).__name__.lower()
-    if "timeout" in name or "connectionerror" in name:
-        return True
-    return bool(_RETRYABLE.search(str(exc)))
+    """Transient: HTTP 429/5xx by status, a transport failure by type, or an Earth Engine "try again" message.
+
+    Decided by status code and exception type first; the message is consulted only for an Earth Engine
+    error that carries no status, and only its start is matched.
+    """
+    for e in _chain(exc):
+        code = _status_code(e)
+        if code is not None:
+            return code in _RETRY_STATUS
+        if isinstance(e, _TRANSIENT_TYPES) or any(c.__name__ in _TRANSIENT_TYPE_NAMES for c in type(e).__mro__):
+            return True
+        if isinstance(e, ssl.SSLError) and "EOF" in str(e):  # e.g. "UNEXPECTED_EOF_WHILE_READING"
+            return True
+    return bool(_RETRYABLE_MESSAGE.match(str(exc)))
 
 
 def _is_too_large(exc: BaseException) -> bool:
@@ -217,7 +293,7 @@ class GEEProvider(Provider):
         max_retries: int = 6,
         backoff_s: float = 2.0,
         backoff_max_s: float = 120.0,
-        request_timeout_s: float | None = None,
+        request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S,
         workload_tag: str | None = None,
         sleep: Callable[[float], None] | None = None,
         seed: int | None = None,
@@ -251,6 +327,9 @@ class GEEProvider(Provider):
             raise ProviderError(f"max_workers={max_workers} must be >= 1")
         if int(max_retries) < 0:
             raise ProviderError(f"max_retries={max_retries} must be >= 0")
+        if request_timeout_s is not None and not 0 < float(request_timeout_s) <= 3600:
+            raise ProviderError(f"request_timeout_s={request_timeout_s} must be in (0, 3600] seconds (default "
+                                f"{DEFAULT_REQUEST_TIMEOUT_S:g}); a request without a deadline can hold a tile forever")
         self.project = project
         self.service_account_key = service_account_key
         self.credentials_mode = credentials
@@ -275,9 +354,9 @@ class GEEProvider(Provider):
         self.max_retries = int(max_retries)
         self.backoff_s = float(backoff_s)
         self.backoff_max_s = float(backoff_max_s)
-        self.request_timeout_s = request_timeout_s
+        self.request_timeout_s = DEFAULT_REQUEST_TIMEOUT_S if request_timeout_s is None else float(request_timeout_s)
         self.workload_tag = workload_tag
-        self._sleep = time.sleep if sleep is None else sleep
+        self._sleep = sleep  # None: an interruptible wait (a failed tile stops its other blocks' backoff)
         self._rng = random.Random(seed)
         self._rng_lock = threading.Lock()
         self._auth_source: str | None = None
@@ -305,7 +384,9 @@ class GEEProvider(Provider):
             "max_block_px": self.max_block_px,
             "block_px": {s: self._block_side(s) for s in ("s2", "s1")},
             "max_workers": self.max_workers,
+            "max_concurrent_per_process": max_concurrent(),
             "max_retries": self.max_retries,
+            "ee_max_retries": 0,
             "backoff_s": self.backoff_s,
             "request_timeout_s": self.request_timeout_s,
         }
@@ -405,8 +486,8 @@ class GEEProvider(Provider):
                                         "https://earthengine-highvolume.googleapis.com")
             try:
                 ee.Initialize(**kwargs)
-                if self.request_timeout_s:
-                    ee.data.setDeadline(int(self.request_timeout_s * 1000))
+                ee.data.setMaxRetries(0)  # one retry layer: ours (status, type and abort aware)
+                ee.data.setDeadline(int(self.request_timeout_s * 1000))
             except ProviderError:
                 raise
             except Exception as exc:
@@ -453,8 +534,19 @@ class GEEProvider(Provider):
                     stats.add(retries=1)
                 log.warning("Earth Engine %s failed (%s); retry %d/%d in %.1fs", what, _short(exc), attempt + 1,
                             self.max_retries, delay)
-                self._sleep(delay)
+                self._wait(delay, stats)
                 attempt += 1
+
+    def _wait(self, delay: float, stats: _Stats | None) -> None:
+        """Back off; a block stops waiting as soon as another block of its tile failed for good."""
+        if self._sleep is not None:
+            self._sleep(delay)
+        elif stats is not None:
+            stats.abort.wait(delay)
+        else:
+            time.sleep(delay)
+        if stats is not None and stats.abort.is_set():
+            raise _Aborted()
 
     # --- public entry -------------------------------------------------------------------------------
     def composite(self, sensor: str, tile: Tile, month: str) -> xr.Dataset:
@@ -605,10 +697,17 @@ class GEEProvider(Provider):
         where = f"computePixels block r{block.row} c{block.col} ({block.height}×{block.width} px) of {tile.key}"
 
         def call():
-            if stats.abort.is_set():
-                raise _Aborted()
-            stats.add(requests=1)
-            return ee.data.computePixels(req)
+            slots = process_slots()
+            while not slots.acquire(timeout=0.05):  # the process-wide bound on requests in flight
+                if stats.abort.is_set():
+                    raise _Aborted()
+            try:
+                if stats.abort.is_set():
+                    raise _Aborted()
+                stats.add(requests=1)
+                return ee.data.computePixels(req)
+            finally:
+                slots.release()
 
         try:
             arr = self._with_retries(where, call, stats, split_ok=True)
@@ -639,25 +738,27 @@ class GEEProvider(Provider):
         stats = _Stats()
         t0 = time.monotonic()
         workers = min(self.max_workers, len(blocks))
-        with cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gee-pixels") as pool:
-            futures = [pool.submit(self._fetch_block, ee, image, tile, b, band_ids, stats) for b in blocks]
-            try:
-                for fut in cf.as_completed(futures):
-                    try:
-                        parts = fut.result()
-                    except _Aborted:
-                        continue  # the block whose failure stopped this one raises below
-                    for b, stack in parts:
-                        sl = (slice(b.row, b.row + b.height), slice(b.col, b.col + b.width))
-                        data[(slice(None),) + sl] = stack[:-1].astype(spec.dtype, copy=False)
-                        count[sl] = stack[-1]
-                if stats.abort.is_set():  # pragma: no cover - a failure always surfaces above
-                    raise ProviderError(f"fetching {sensor} {tile.key} {month} was aborted")
-            except BaseException:
-                stats.abort.set()
-                for f in futures:
-                    f.cancel()
-                raise
+        pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gee-pixels")
+        futures = [pool.submit(self._fetch_block, ee, image, tile, b, band_ids, stats) for b in blocks]
+        try:
+            for fut in cf.as_completed(futures):
+                try:
+                    parts = fut.result()
+                except _Aborted:
+                    continue  # the block whose failure stopped this one raises its own error
+                for b, stack in parts:
+                    sl = (slice(b.row, b.row + b.height), slice(b.col, b.col + b.width))
+                    data[(slice(None),) + sl] = stack[:-1].astype(spec.dtype, copy=False)
+                    count[sl] = stack[-1]
+            if stats.abort.is_set():  # pragma: no cover - a failure always surfaces above
+                raise ProviderError(f"fetching {sensor} {tile.key} {month} was aborted")
+        except BaseException:
+            # fail fast: the other blocks stop (queued ones are cancelled, waiting/backing-off ones see the
+            # abort) and the tile raises now, without waiting for requests still in flight
+            stats.abort.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
         invalid = count == 0
         data[:, invalid] = 0 if spec.dtype == "uint16" else np.nan
         side = self._block_side(sensor)

@@ -3,7 +3,7 @@
 It implements the small part of the public ``ee`` API the gee provider uses — ``ee.Initialize``,
 ``ee.ServiceAccountCredentials``, ``ee.ImageCollection`` with its filter/map/link/reduce chain,
 ``ee.Image`` methods, ``ee.Filter``, ``ee.Geometry.Rectangle``, ``ee.Dictionary``, ``ee.Reducer``,
-``ee.data.computePixels`` / ``setDeadline`` — and nothing of the provider itself:
+``ee.data.computePixels`` / ``setDeadline`` / ``setMaxRetries`` — and nothing of the provider itself:
 
 - collections hold scene property dicts; ``filterDate`` / ``filter`` are evaluated on them so
   ``size().getInfo()`` answers like the server would;
@@ -14,7 +14,9 @@ It implements the small part of the public ``ee`` API the gee provider uses — 
   affineTransform and crsCode, ≤ 32768 px per side, ≤ ``max_bytes`` uncompressed), records it, and
   returns deterministic pixels that depend only on the world coordinates of each pixel centre, so a
   stitched tile can be compared with a direct evaluation on the tile grid;
-- faults are injected per call (``compute_faults`` / ``getinfo_faults``: exceptions raised in order).
+- faults are injected per call (``compute_faults`` / ``getinfo_faults``: exceptions raised in order);
+  ``compute_gate(params)`` (optional) runs inside each computePixels call before it answers — a test
+  can stall a request there; ``max_in_flight`` records the most concurrent computePixels calls seen.
 """
 
 from __future__ import annotations
@@ -228,6 +230,10 @@ class FakeEE:
         self.init_calls: list[dict] = []
         self.credentials_calls: list[dict] = []
         self.deadline_ms: int | None = None
+        self.max_retries: int | None = None  # earthengine-api's own retry count (5 until set)
+        self.compute_gate: Callable[[dict], None] | None = None
+        self.in_flight = 0
+        self.max_in_flight = 0
         self.compute_faults: list[BaseException] = []
         self.getinfo_faults: list[BaseException] = []
         self.compute_calls = 0
@@ -251,7 +257,7 @@ class FakeEE:
         ee.oauth = types.SimpleNamespace(SCOPES=["https://www.googleapis.com/auth/earthengine",
                                                  "https://www.googleapis.com/auth/cloud-platform"])
         ee.data = types.SimpleNamespace(
-            computePixels=self.computePixels, setDeadline=self.setDeadline,
+            computePixels=self.computePixels, setDeadline=self.setDeadline, setMaxRetries=self.setMaxRetries,
             HIGH_VOLUME_API_BASE_URL="https://earthengine-highvolume.googleapis.com")
         return ee
 
@@ -277,6 +283,11 @@ class FakeEE:
     def setDeadline(self, ms):  # noqa: N802
         self.deadline_ms = ms
 
+    def setMaxRetries(self, n):  # noqa: N802
+        if not 0 <= n < 100:
+            raise ValueError("max_retries must be in 0..99")
+        self.max_retries = n
+
     # --- calls ------------------------------------------------------------------------------------
     def _getinfo_hook(self, obj) -> None:
         with self.lock:
@@ -287,9 +298,21 @@ class FakeEE:
 
     def computePixels(self, params: dict) -> np.ndarray:  # noqa: N802
         with self.lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return self._compute_pixels(params)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+    def _compute_pixels(self, params: dict) -> np.ndarray:
+        with self.lock:
             self.compute_calls += 1
             self.threads.add(threading.current_thread().name)
             fault = self.compute_faults.pop(0) if self.compute_faults else None
+        if self.compute_gate is not None:
+            self.compute_gate(params)
         if fault is not None:
             raise fault
         expr = params.get("expression")

@@ -52,9 +52,12 @@ def _env(monkeypatch, tmp_path):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("EE_CONFIG_DIR", str(tmp_path / "no-ee-config"))
     monkeypatch.setenv("EE_PROJECT", "my-ee-project")
+    monkeypatch.delenv(gee_mod.MAX_CONCURRENT_ENV, raising=False)
     gee_mod.reset_initialization()
+    gee_mod.set_max_concurrent(None)
     yield
     gee_mod.reset_initialization()
+    gee_mod.set_max_concurrent(None)
 
 
 @pytest.fixture
@@ -435,3 +438,160 @@ def test_live_small_subtile(monkeypatch):
     validate_composite(s1, sensor="s1", tile=tile)
     assert s1.attrs["status"] == "ok"
     assert 0 < np.nanmedian(s1["data"].values) < 5  # linear σ0
+
+
+# --- robustness (issue 11) ---------------------------------------------------------------------------
+def test_one_retry_layer_and_a_default_request_deadline(fake):
+    fake.compute_faults = [HttpError(503, "Service unavailable")]
+    sleeps = Sleeps()
+    provider(sleep=sleeps, max_workers=1).composite("s2", TILE, "2024-03")
+    assert fake.max_retries == 0  # earthengine-api's own retries are off: attempts never multiply
+    assert fake.deadline_ms == 300_000  # no request may hold a tile forever
+    assert len(sleeps) == 1 and fake.compute_calls == 17
+
+
+def _transient_errors():
+    import http.client
+    import ssl
+
+    import google.auth.exceptions
+    import httplib2
+
+    wrapped = EEException("computePixels failed")
+    wrapped.__cause__ = ConnectionResetError(104, "Connection reset by peer")
+    return [
+        socket.gaierror(-3, "Temporary failure in name resolution"),
+        httplib2.ServerNotFoundError("Unable to find the server at earthengine-highvolume.googleapis.com"),
+        ssl.SSLEOFError(8, "EOF occurred in violation of protocol (_ssl.c:2427)"),
+        http.client.IncompleteRead(b"partial", 1024),
+        google.auth.exceptions.TransportError("Failed to retrieve http://metadata/token"),
+        ConnectionRefusedError(111, "Connection refused"),
+        wrapped,
+    ]
+
+
+@pytest.mark.parametrize("exc", _transient_errors(), ids=["dns", "httplib2-dns", "ssl-eof", "incomplete-read",
+                                                          "auth-transport", "refused", "wrapped-reset"])
+def test_transient_network_errors_are_retried(fake, exc):
+    fake.compute_faults = [exc]
+    sleeps = Sleeps()
+    ds = provider(sleep=sleeps, max_workers=1).composite("s2", TILE, "2024-03")
+    assert ds.attrs["status"] == "ok" and len(sleeps) == 1
+    assert json.loads(ds.attrs["provider_info"])["retries"] == 1
+
+
+@pytest.mark.parametrize("exc", [
+    EEException("Image.load: Image asset 'projects/p/assets/tile_500' not found (does not exist or caller does "
+                "not have access)."),
+    EEException("Collection.loadTable: Table asset 'users/me/runs_timed out' not found."),
+    EEException("Image.rename: The number of names (3) must match the number of bands (503)."),
+    HttpError(400, "Invalid argument: grid dimension 503 exceeds limits"),
+    HttpError(403, "Permission denied: Earth Engine API has not been used in project 502"),
+], ids=["asset-500", "asset-timed-out", "numbers-in-text", "http-400", "http-403"])
+def test_permanent_errors_fail_at_once_whatever_their_text(fake, exc):
+    sleeps = Sleeps()
+    fake.compute_faults = [exc]
+    with pytest.raises(ProviderError, match="not retryable"):
+        provider(sleep=sleeps, max_workers=1).composite("s2", TILE, "2024-03")
+    assert sleeps == [] and fake.compute_calls == 1
+
+
+def test_classification_uses_status_before_text():
+    assert gee_mod.is_retryable(HttpError(503, "Backend Error"))
+    assert not gee_mod.is_retryable(HttpError(404, "Service unavailable"))
+    assert gee_mod.is_retryable(EEException("Too many concurrent aggregations."))
+    assert not gee_mod.is_retryable(EEException("Asset 'x' not found. Too many concurrent aggregations."))
+
+
+def test_concurrency_is_bounded_per_process_across_composites(fake):
+    import threading
+
+    gee_mod.set_max_concurrent(3)
+    three_in = threading.Event()
+
+    def gate(params):  # hold each request until three are in flight (or 2 s), so overlap is maximal
+        if fake.in_flight >= 3:
+            three_in.set()
+        three_in.wait(2)
+
+    fake.compute_gate = gate
+    p = provider(max_workers=8)
+    errors = []
+
+    def run(month):
+        try:
+            p.composite("s2", TILE, month)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(m,)) for m in ("2024-03", "2024-03", "2024-03")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and fake.compute_calls == 3 * 16
+    assert fake.max_in_flight == 3  # 3 composites × 8 workers, never more than the process bound
+    assert p.describe()["max_concurrent_per_process"] == 3
+
+
+def _block_of(params):
+    a = params["grid"]["affineTransform"]
+    return int((TILE.y0 - a["translateY"]) / 10), int((a["translateX"] - TILE.x0) / 10)
+
+
+def test_a_tile_fails_fast_while_its_other_blocks_are_in_flight(fake):
+    import threading
+
+    release = threading.Event()
+
+    def gate(params):
+        if _block_of(params) == (0, 0):
+            while fake.in_flight < 4:  # the other three workers are stalled in their requests
+                threading.Event().wait(0.01)
+            raise EEException("Image.select: Pattern 'B13' did not match any bands.")
+        release.wait(30)
+
+    fake.compute_gate = gate
+    try:
+        with pytest.raises(ProviderError, match="did not match any bands"):
+            provider(max_workers=4).composite("s2", TILE, "2024-03")
+        assert fake.in_flight == 3  # the composite raised without waiting for them
+    finally:
+        release.set()
+    for _ in range(500):
+        if fake.in_flight == 0:
+            break
+        threading.Event().wait(0.01)
+    assert fake.compute_calls == 4  # no queued block started after the failure
+
+
+def test_a_tile_fails_fast_while_another_block_backs_off(fake):
+    import threading
+
+    backing_off = threading.Event()
+
+    def gate(params):
+        if _block_of(params) == (0, 0):
+            backing_off.wait(10)
+            raise EEException("Image.select: Pattern 'B13' did not match any bands.")
+        if not backing_off.is_set():
+            backing_off.set()
+            raise HttpError(429, "Too many requests")  # this block now backs off for ≥ 30 minutes
+
+    fake.compute_gate = gate
+    outcome = []
+    p = provider(max_workers=2, sleep=None, backoff_s=3600, backoff_max_s=3600)
+    t = threading.Thread(target=lambda: outcome.append(_raises(lambda: p.composite("s2", TILE, "2024-03"))))
+    t.start()
+    t.join(20)
+    assert not t.is_alive(), "the tile waited out another block's backoff"
+    assert isinstance(outcome[0], ProviderError) and "did not match any bands" in str(outcome[0])
+    assert fake.compute_calls == 2  # the backing-off block never tried again
+
+
+def _raises(fn):
+    try:
+        fn()
+    except Exception as exc:
+        return exc
+    return None
