@@ -39,7 +39,7 @@ from .base import (Adapter, AdapterError, CheckpointError, CheckpointSource, Mod
                    env_int_tuple, env_str)
 from .preprocess import finite_or_zero, pad_square, resize_bilinear
 
-S2_BANDS = ("B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B11", "B12")
+from .specs import AGRIFM as _SPEC, AGRIFM_BANDS as S2_BANDS, AGRIFM_URL  # noqa: F401 (spec data: torch-free)
 
 # Official S2 statistics (AgriFM configs/cropland_mapping.py; rs-embed _AGRIFM_S2_MEAN/_STD), band order above.
 AGRIFM_S2_MEAN = (4179.192015478227, 4065.9106675194444, 3957.274910960156, 5207.452475253116, 4327.12234687,
@@ -47,7 +47,6 @@ AGRIFM_S2_MEAN = (4179.192015478227, 4065.9106675194444, 3957.274910960156, 5207
 AGRIFM_S2_STD = (4041.5212325268735, 3691.003119315892, 3629.331318356375, 2973.5178530908756, 3569.73343885,
                  3085.9151435, 2937.56005119, 2806.04462314, 1808.30013156, 1694.20220774)
 
-AGRIFM_URL = "https://glass.hku.hk/casual/AgriFM/AgriFM.pth"
 
 NORM_MODES = ("agrifm_stats", "unit_scale", "none")
 # spellings rs-embed also accepts, mapped to the canonical names (which are what gets hashed)
@@ -348,28 +347,7 @@ class AgriFMEncoder(nn.Module):
 
 # --- adapter -----------------------------------------------------------------------------------
 class AgriFMAdapter(Adapter):
-    spec = ModelSpec(
-        model_id="agrifm",
-        checkpoint_id="agrifm",
-        description="AgriFM Video-Swin encoder (S2 branch) on an 8-frame Sentinel-2 stack; pooled = spatial mean of "
-                    "the final normalised map, grid = encoder_features (1024×14×14, 160 m cells).",
-        sensor="s2",
-        bands=S2_BANDS,
-        chip_size=224,
-        image_size=224,
-        embed_dim=1024,
-        grid_size=14,
-        frames=8,
-        # rs-embed's own threshold: a fp32 S2 backbone alone is ~350 MB, so 100 MiB only rejects error
-        # pages and cut-off downloads without betting on how the file stores its extras.
-        checkpoint=CheckpointSource(filename="AgriFM.pth", url=AGRIFM_URL, min_bytes=100 * 1024 * 1024,
-                                    file_format="mmengine", env_prefix="RS_EMBED_AGRIFM"),
-        licence="Apache-2.0 (flyakon/AgriFM)",
-        paper="Li et al., AgriFM: A Multi-source Temporal Remote Sensing Foundation Model for Crop Mapping (2025)",
-        # ~136 GFLOPs per 8×224² sample; inference activations are ~0.1 GB per sample (stage-0 attention
-        # 256 windows × 4 heads × 98² + the 4×128 MLP on 25k tokens), so 64 fits well inside a 40-80 GB GPU.
-        default_batch_size={"cpu": 8, "cuda": 64},
-    )
+    spec = _SPEC
     config_cls = AgriFMConfig
 
     @classmethod

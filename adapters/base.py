@@ -29,55 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
-
-class AdapterError(ValueError):
-    """Bad input or configuration for an adapter; the message names the problem and the fix."""
-
-
-class CheckpointError(AdapterError):
-    """A checkpoint that cannot be found, downloaded or loaded strictly."""
-
-
-@dataclass(frozen=True)
-class CheckpointSource:
-    """Where the published weights live and how to recognise a complete file."""
-
-    filename: str
-    url: str | None = None  # plain HTTP(S) download
-    hf_repo: str | None = None  # Hugging Face hub repo id (file = ``filename``)
-    min_bytes: int = 0  # a download smaller than this is treated as truncated
-    file_format: str = "state_dict"  # "state_dict" | "mmengine" (weights under "state_dict")
-    env_prefix: str = ""  # e.g. "RS_EMBED_FOMO" -> RS_EMBED_FOMO_CKPT, ..._CACHE_DIR, ...
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What a model consumes and produces: the pretrained config, as data (timm style)."""
-
-    model_id: str
-    checkpoint_id: str  # checkpoint asset this model loads (terrafm_b and terrafm_b_s1 share one)
-    description: str
-    sensor: str  # "s2" | "s1": which composite feeds the model
-    bands: tuple[str, ...]  # provider band names, in the order the network consumes them
-    chip_size: int  # pixels cut from the 10 m tile per chip
-    image_size: int  # network input size
-    embed_dim: int
-    grid_size: int  # output grid cells per chip side
-    checkpoint: CheckpointSource
-    frames: int = 1  # temporal frames per sample (AgriFM)
-    source_resolution_m: float = 10.0
-    licence: str = ""
-    paper: str = ""
-    default_batch_size: Mapping[str, int] = field(default_factory=lambda: {"cpu": 8, "cuda": 64})
-
-    @property
-    def input_channels(self) -> int:
-        return len(self.bands)
-
-    @property
-    def grid_resolution_m(self) -> float:
-        """Ground size of one output grid cell, in metres."""
-        return self.chip_size * self.source_resolution_m / self.grid_size
+# torch-free parts (re-exported here: ``from adapters.base import ModelSpec`` keeps working)
+from .specs import (AdapterError, CheckpointError, CheckpointSource, ModelSpec, env_bool, env_float,  # noqa: F401
+                    env_int, env_int_tuple, env_str, stable_hash)
 
 
 @dataclass
@@ -92,55 +46,6 @@ class Embeddings:
             self.pooled.detach().float().cpu().numpy(),
             self.grid.detach().float().cpu().numpy(),
         )
-
-
-def env_str(name: str, default: str) -> str:
-    value = os.environ.get(name)
-    return default if value is None or value.strip() == "" else value.strip()
-
-
-def env_int(name: str, default: int) -> int:
-    raw = env_str(name, str(default))
-    try:
-        return int(raw)
-    except ValueError:
-        raise AdapterError(f"{name}={raw!r} is not an integer; set it to a whole number or unset it") from None
-
-
-def env_float(name: str, default: float) -> float:
-    raw = env_str(name, str(default))
-    try:
-        return float(raw)
-    except ValueError:
-        raise AdapterError(f"{name}={raw!r} is not a number; set it to a number or unset it") from None
-
-
-def env_bool(name: str, default: bool) -> bool:
-    raw = env_str(name, "1" if default else "0").lower()
-    if raw in {"1", "true", "yes", "on"}:
-        return True
-    if raw in {"0", "false", "no", "off"}:
-        return False
-    raise AdapterError(f"{name}={raw!r} is not a boolean; use 1/0, true/false or yes/no")
-
-
-def env_int_tuple(name: str, default: tuple[int, ...], length: int | None = None) -> tuple[int, ...]:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        values = tuple(int(v) for v in raw.replace(" ", "").split(",") if v != "")
-    except ValueError:
-        raise AdapterError(f"{name}={raw!r} must be comma-separated integers") from None
-    if length is not None and len(values) != length:
-        raise AdapterError(f"{name} must list exactly {length} integers, got {len(values)}: {raw!r}")
-    return values
-
-
-def stable_hash(obj: Any) -> str:
-    """sha256 of a JSON-serialisable object with sorted keys (for preprocessing specs)."""
-    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
-    return hashlib.sha256(blob).hexdigest()
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

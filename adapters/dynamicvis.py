@@ -42,10 +42,8 @@ from .base import (Adapter, AdapterError, CheckpointError, CheckpointSource, Mod
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, sr_rgb_to_imagenet
 from .mamba import DEFAULT_CHUNK, SCAN_CHOICES, MambaMixer, MambaRMSNorm, resolve_scan_impl
 
-ENV = "RS_EMBED_DYNAMICVIS"
-RGB_BANDS = ("B4", "B3", "B2")
-HF_REPO = "KyanChen/DynamicVis"
-CKPT_FILE = "pretrain_dynamicvis_b_bf16_mamba_best_single-label_f1-score_epoch_170.pth"
+from .specs import (DYNAMICVIS as _SPEC, DYNAMICVIS_BANDS as RGB_BANDS, DYNAMICVIS_CKPT_FILE as CKPT_FILE,  # noqa: F401
+                    DYNAMICVIS_ENV as ENV, DYNAMICVIS_HF_REPO as HF_REPO)
 
 # Upstream ``DynamicVisBackbone.arch_zoo``. Dims of 'l' are in the reference notes (rs-embed.md §3.5); its layer
 # counts come from the upstream arch table (KyanChen/DynamicVis dynamicvis/models/models.py).
@@ -288,28 +286,7 @@ def resize_pos_embed(pos_embed: torch.Tensor, dst_side: int) -> torch.Tensor:
 
 # --- adapter -----------------------------------------------------------------------------------
 class DynamicVisAdapter(Adapter):
-    spec = ModelSpec(
-        model_id="dynamicvis",
-        checkpoint_id="dynamicvis",
-        description="DynamicVis-B (routed sparse bidirectional Mamba backbone) on Sentinel-2 RGB B4,B3,B2; "
-                    "pooled = spatial mean of the stage-4 map, grid = stage-4 map (768, 16, 16) at 512 px.",
-        sensor="s2",
-        bands=RGB_BANDS,
-        chip_size=512,
-        image_size=512,
-        embed_dim=768,
-        grid_size=16,
-        checkpoint=CheckpointSource(filename=CKPT_FILE, hf_repo=HF_REPO, min_bytes=50 * 1024 * 1024,
-                                    file_format="mmengine", env_prefix=ENV),
-        licence="see KyanChen/DynamicVis",
-        paper="Chen et al., DynamicVis: an efficient and general visual foundation model for remote sensing "
-              "image understanding (2025)",
-        # CPU (2 cores, measured): B=1 takes ~2.5 s warm and +0.12 GB peak, B=4 ~1.5 s/image and +0.36 GB (the
-        # chunked scan processes channel blocks of ~4 MB, so memory grows only with activations); larger CPU
-        # batches add latency without throughput. CUDA: activations are ~10 MB/image at 512 px and the scan
-        # state is blocked (torch) or never materialised (mamba_ssm), so 32 fits easily.
-        default_batch_size={"cpu": 4, "cuda": 32},
-    )
+    spec = _SPEC
     config_cls = DynamicVisConfig
 
     def __init__(self, model: nn.Module, config: DynamicVisConfig, **kwargs: Any):

@@ -25,7 +25,7 @@ from .base import (Adapter, AdapterError, CheckpointError, CheckpointSource, Mod
                    env_int_tuple, env_str)
 from .preprocess import finite_or_zero, pad_square, resize_bilinear
 
-S2_BANDS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B11", "B12")
+from .specs import FOMO as _SPEC, FOMO_BANDS as S2_BANDS, FOMO_URL  # noqa: F401 (spec data: torch-free)
 
 # FoMo-Bench modality table (configs/datasets/fomo_pretraining_datasets.json): 37 entries.
 # 0-3 planet RGBN; 4,5 S1 VV,VH; 6-18 S2 B1..B12 incl. B8A (16 = B10); 19-27 landsat;
@@ -33,8 +33,6 @@ S2_BANDS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B11", 
 NUM_MODALITIES = 37
 DEFAULT_S2_KEYS = (6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 17, 18)
 
-FOMO_URL = ("https://www.dropbox.com/scl/fi/4ckmxlcbc0tcod8hknp7c/fomo_single_embedding_layer_weights.pt"
-            "?rlkey=26tlf3yaz93vvcosr0qrvklub&dl=1")
 
 NORM_MODES = ("unit_scale", "per_tile_minmax", "none")
 
@@ -180,22 +178,7 @@ class MultiSpectralViT(nn.Module):
 
 # --- adapter -----------------------------------------------------------------------------------
 class FomoAdapter(Adapter):
-    spec = ModelSpec(
-        model_id="fomo",
-        checkpoint_id="fomo",
-        description="FoMo-Net_1 (FoMo-Bench MultiSpectralViT): every Sentinel-2 band is a spectral token set; "
-                    "pooled = token mean, grid = band-averaged 16 px patch tokens (160 m cells).",
-        sensor="s2",
-        bands=S2_BANDS,
-        chip_size=64,
-        image_size=64,
-        embed_dim=768,
-        grid_size=4,
-        checkpoint=CheckpointSource(filename="fomo_single_embedding_layer_weights.pt", url=FOMO_URL,
-                                    min_bytes=50 * 1024 * 1024, env_prefix="RS_EMBED_FOMO"),
-        licence="MIT (FoMo-Bench)",
-        paper="Bountos et al., FoMo-Bench (2024)",
-    )
+    spec = _SPEC
     config_cls = FomoConfig
 
     @classmethod

@@ -52,16 +52,9 @@ from .base import (Adapter, AdapterError, CheckpointError, CheckpointSource, Mod
                    env_str)
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, sr_rgb_to_imagenet
 
-RGB_BANDS = ("B4", "B3", "B2")
-HF_REPO = "MVRL/scalemae-vitlarge-800"
+from .specs import (SCALEMAE_BANDS as RGB_BANDS, SCALEMAE_CHECKPOINT, SCALEMAE_HF_REPO as HF_REPO,  # noqa: F401
+                    SCALEMAE_RGB as _SPEC)
 PREFIX = "model."  # the rshf wrapper keeps the backbone at ``.model``
-
-SCALEMAE_CHECKPOINT = CheckpointSource(
-    filename="pytorch_model.bin",
-    hf_repo=HF_REPO,
-    min_bytes=1100 * 1024 * 1024,  # the fp32 file is ≈1.21 GB (303.1 M parameters)
-    env_prefix="RS_EMBED_SCALEMAE",
-)
 
 
 @dataclass(frozen=True)
@@ -169,23 +162,7 @@ class ScaleMAEViT(nn.Module):
 
 # --- adapter -----------------------------------------------------------------------------------
 class ScaleMAEAdapter(Adapter):
-    spec = ModelSpec(
-        model_id="scalemae_rgb",
-        checkpoint_id="scalemae_rgb",
-        description="ScaleMAE ViT-L/16 on Sentinel-2 RGB (B4,B3,B2) with GSD-scaled sin-cos positions: pooled = "
-                    "mean of the patch tokens (CLS excluded, no final norm), grid = 16 px patch tokens (160 m cells).",
-        sensor="s2",
-        bands=RGB_BANDS,
-        chip_size=224,
-        image_size=224,
-        embed_dim=1024,
-        grid_size=14,
-        checkpoint=SCALEMAE_CHECKPOINT,
-        licence="see the MVRL/scalemae-vitlarge-800 model card (not verified offline)",
-        paper="Reed et al., Scale-MAE: A Scale-Aware Masked Autoencoder for Multiscale Geospatial "
-              "Representation Learning (ICCV 2023)",
-        default_batch_size={"cpu": 8, "cuda": 32},
-    )
+    spec = _SPEC
     config_cls = ScaleMAEConfig
 
     @classmethod

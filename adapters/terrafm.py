@@ -79,19 +79,11 @@ from .base import (Adapter, AdapterError, CheckpointError, CheckpointSource, Mod
                    env_str)
 from .preprocess import finite_or_zero, resize_bilinear
 
-S2_BANDS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B11", "B12")
-S1_BANDS = ("VV", "VH")
+from .specs import (TERRAFM_B as _S2_SPEC, TERRAFM_B_S1 as _S1_SPEC, TERRAFM_CHECKPOINT,  # noqa: F401
+                    TERRAFM_S1_BANDS as S1_BANDS, TERRAFM_S2_BANDS as S2_BANDS)
 
 S2_STEMS = ("l2a", "l1c")
 S1_SCALINGS = ("tile", "chip")
-
-TERRAFM_CHECKPOINT = CheckpointSource(
-    filename="TerraFM-B.pth",
-    hf_repo="MBZUAI/TerraFM",
-    min_bytes=400 * 1024 * 1024,  # the fp32 file is ≈452 MB (112.95 M parameters)
-    env_prefix="RS_EMBED_TERRAFM",
-)
-
 
 @dataclass(frozen=True)
 class TerraFMConfig:
@@ -354,22 +346,9 @@ class _TerraFMAdapter(Adapter):
         return spec
 
 
-# fields shared by the S2 and S1 models (one network, one checkpoint)
-_TERRAFM_SPEC = ModelSpec(
-    model_id="terrafm_b", checkpoint_id="terrafm_b", description="", sensor="s2", bands=S2_BANDS,
-    chip_size=224, image_size=224, embed_dim=768, grid_size=14, checkpoint=TERRAFM_CHECKPOINT,
-    licence="see the MBZUAI/TerraFM model card (not verified offline)",
-    paper="Danish et al., TerraFM: A Scalable Foundation Model for Unified Multisensor Earth Observation (2025)",
-    default_batch_size={"cpu": 8, "cuda": 64},
-)
-
-
 class TerraFMS2Adapter(_TerraFMAdapter):
     stem_kind = "s2"
-    spec = dataclasses.replace(
-        _TERRAFM_SPEC, model_id="terrafm_b", sensor="s2", bands=S2_BANDS,
-        description="TerraFM-B on the 12-band Sentinel-2 L2A composite: pooled = CLS token after the final norm, "
-                    "grid = final-normed 16 px patch tokens (160 m cells). Stem: RS_EMBED_TERRAFM_S2_STEM.")
+    spec = _S2_SPEC
 
     def preprocess(self, raw: np.ndarray, *, bands: tuple[str, ...] | None = None,
                    tile_context: dict[str, Any] | None = None) -> torch.Tensor:
@@ -386,10 +365,7 @@ class TerraFMS2Adapter(_TerraFMAdapter):
 
 class TerraFMS1Adapter(_TerraFMAdapter):
     stem_kind = "s1"
-    spec = dataclasses.replace(
-        _TERRAFM_SPEC, model_id="terrafm_b_s1", sensor="s1", bands=S1_BANDS,
-        description="TerraFM-B on the Sentinel-1 VV/VH (linear) composite: log1p + 99th-percentile scaling "
-                    "(RS_EMBED_TERRAFM_S1_SCALING), pooled = CLS after the final norm, grid = normed patch tokens.")
+    spec = _S1_SPEC
 
     def tile_context(self, raw_tile: np.ndarray, *, bands: tuple[str, ...] | None = None) -> dict[str, Any]:
         """With tile scaling: the joint 99th percentile of log1p(VV, VH) over the whole tile composite."""

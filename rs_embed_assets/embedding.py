@@ -27,7 +27,10 @@ import numpy as np
 import pyarrow as pa
 import xarray as xr
 
-from adapters.base import Adapter
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported only where a model runs
+    from adapters.base import Adapter
 
 from .composite import crs_wkt, parse_month
 from .grid import PIXEL_SIZE_M, Tile, chip_windows, utm_to_lonlat
@@ -59,12 +62,11 @@ class TileEmbeddings:
 def code_version(model_id: str) -> str:
     """Package version + a hash of the code that turns composites into this model's embeddings."""
     import adapters
-    from adapters import base as adapter_base
 
-    cls = adapters.get_adapter_class(model_id)
-    h = hashlib.sha256()
-    for obj in (inspect.getmodule(cls), adapter_base, inspect.getmodule(embed_tile)):
-        h.update(inspect.getsource(obj).encode())
+    h = hashlib.sha256()  # read as text: hashing a model's code must not import it (and torch)
+    for text in (adapters.module_source(model_id), adapters.module_source("adapters.base"),
+                 adapters.module_source("adapters.specs"), inspect.getsource(inspect.getmodule(embed_tile))):
+        h.update(text.encode())
     return f"{package_version()}+{h.hexdigest()[:12]}"
 
 
@@ -122,6 +124,8 @@ def embed_tile(adapter, frames: Sequence[xr.Dataset], *, tile: Tile, month: str,
     rows, cols = H // cs, W // cs
     temporal = spec.frames > 1
     tile_ctx: dict[str, Any] = {}
+    from adapters.base import Adapter
+
     if type(adapter).tile_context is not Adapter.tile_context:  # only then pay for a masked copy of the tile
         # tile-level statistics see invalid pixels as NaN, so they can leave them out
         masked = np.where(valid[:, None], raw.astype(np.float32), np.float32(np.nan))

@@ -20,8 +20,8 @@ import numpy as np
 import xarray as xr
 
 import adapters
-from adapters import CheckpointError, resolve_checkpoint, sha256_file
-from adapters.base import stable_hash
+from adapters import CheckpointError
+from adapters.specs import stable_hash
 
 from .composite import parse_month, shift_month, validate_composite
 from .embedding import code_version, embed_tile
@@ -52,6 +52,8 @@ def checkpoint_ids() -> dict[str, str]:
 def materialize_checkpoint(storage: Storage, checkpoint_id: str, *, allow_random_init: bool = False,
                            allow_download: bool | None = None, verify: bool = True,
                            warn: Callable[[str], None] = log.warning) -> dict[str, Any]:
+    from adapters.checkpoints import resolve_checkpoint, sha256_file  # torch: only where a checkpoint is made
+
     model_id = checkpoint_ids()[checkpoint_id]
     cls = adapters.get_adapter_class(model_id)
     try:

@@ -12,7 +12,7 @@ from typing import Any, Optional
 import dagster as dg
 
 import adapters
-from adapters.base import env_bool, env_int, env_str
+from adapters.specs import env_bool, env_int, env_str
 
 from .catalog import connect_readonly
 from .materialize import EmbeddingSettings, read_checkpoint_record
@@ -56,7 +56,7 @@ class CheckpointPolicyResource(dg.ConfigurableResource):
 
 
 # one loaded model per (process, model, checkpoint, device, dtype): backfill runs reuse it
-_MODEL_CACHE: dict[tuple, adapters.Adapter] = {}
+_MODEL_CACHE: dict[tuple, "adapters.Adapter"] = {}
 _MODEL_LOCK = threading.Lock()
 
 
@@ -81,7 +81,7 @@ class ModelResource(dg.ConfigurableResource):
         validate_model_knobs(batch_size=self.batch_size, min_valid_fraction=self.min_valid_fraction,
                              pooling=self.pooling, dtype=self.dtype, device=self.device)
 
-    def load(self, storage: Storage) -> tuple[adapters.Adapter, dict[str, Any]]:
+    def load(self, storage: Storage) -> tuple["adapters.Adapter", dict[str, Any]]:
         self.validate()
         spec = adapters.get_spec(self.model_id)
         record = read_checkpoint_record(storage, spec.checkpoint_id)

@@ -20,8 +20,7 @@ BACKFILL = dg.BackfillPolicy.multi_run(max_partitions_per_run=16)
 
 def _frames(model_id: str) -> int:
     """Frames per sample as configured (e.g. RS_EMBED_AGRIFM_FRAMES), 1 for single-date models."""
-    cls = adapters.get_adapter_class(model_id)
-    return int(getattr(cls.default_config(), "frames", cls.spec.frames)) if cls.spec.frames > 1 else 1
+    return adapters.get_spec(model_id).configured_frames()
 
 
 def _composite_dep(model_id: str) -> dg.AssetDep:

@@ -1,0 +1,86 @@
+"""A run launcher whose run workers can be health-checked, so run monitoring catches dead runs.
+
+Dagster's ``DefaultRunLauncher`` starts each run worker as a subprocess of the code server but
+cannot tell the run-monitoring daemon whether that process is still alive. When the whole
+process tree dies (``kill -9``, OOM killer, a reboot) nobody marks the run failed: it stays
+STARTED for ever and keeps its ``gpu`` / ``duckdb_writer`` pool slots, so every later run
+waits on those pools indefinitely.
+
+``LocalRunLauncher`` launches exactly like the default one and adds the health check: the run
+worker's pid (Dagster records it in the run's ``Started process for run (pid: N)`` event) must
+still be a live process that started no later than that event (so a recycled pid does not count).
+With ``run_monitoring`` enabled in ``dagster.yaml`` (as shipped), the daemon then marks a dead
+run FAILED within ``poll_interval_seconds`` and frees its pool slots after
+``free_slots_after_run_end_seconds``.
+
+The check is only meaningful where the run workers live on the daemon's machine (``dagster
+dev``, ``rs-embed-assets cluster``): the launcher records the host name in a run tag and never
+reports a run started on another host (or one that has not reported its pid yet) as dead. Kubernetes deployments use the
+``K8sRunLauncher``, which has its own health check.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from dagster._core.events import DagsterEventType
+from dagster._core.launcher.base import CheckRunHealthResult, LaunchRunContext, WorkerStatus
+from dagster._core.launcher.default_run_launcher import DefaultRunLauncher
+from dagster._core.storage.dagster_run import DagsterRun
+
+HOST_TAG = "rs_embed_assets/run_worker_host"
+_PID_EVENT_PREFIX = "Started process for run (pid: "
+_CLOCK_SLACK_S = 2.0
+
+
+class LocalRunLauncher(DefaultRunLauncher):
+    """``DefaultRunLauncher`` + a run-worker health check for run monitoring (same host only)."""
+
+    def launch_run(self, context: LaunchRunContext) -> None:
+        self._instance.add_run_tags(context.dagster_run.run_id, {HOST_TAG: socket.gethostname()})
+        super().launch_run(context)
+
+    @property
+    def supports_check_run_worker_health(self) -> bool:
+        return True
+
+    def check_run_worker_health(self, run: DagsterRun) -> CheckRunHealthResult:
+        fresh = self._instance.get_run_by_id(run.run_id) or run
+        host = fresh.tags.get(HOST_TAG)
+        # run monitoring fails any status but RUNNING/SUCCESS, so "cannot tell" must answer RUNNING
+        if host is not None and host != socket.gethostname():
+            return CheckRunHealthResult(WorkerStatus.RUNNING, f"run worker runs on {host}, not checkable here")
+        found = run_worker_pid(self._instance, run.run_id)
+        if found is None:
+            return CheckRunHealthResult(WorkerStatus.RUNNING, "run worker has not reported its pid yet")
+        pid, started_at = found
+        if process_alive_since(pid, started_at):
+            return CheckRunHealthResult(WorkerStatus.RUNNING)
+        return CheckRunHealthResult(WorkerStatus.FAILED, f"run worker process {pid} is gone (killed or crashed)")
+
+
+def run_worker_pid(instance: Any, run_id: str) -> tuple[int, float] | None:
+    """(pid, event timestamp) of the run's worker process, from its event log."""
+    records = instance.get_records_for_run(run_id, of_type=DagsterEventType.ENGINE_EVENT, limit=200).records
+    for record in records:
+        entry = record.event_log_entry
+        message = (entry.dagster_event.message if entry.dagster_event else None) or entry.user_message or ""
+        if message.startswith(_PID_EVENT_PREFIX):
+            pid_text = message[len(_PID_EVENT_PREFIX):].split(")")[0]
+            if pid_text.isdigit():
+                return int(pid_text), entry.timestamp
+    return None
+
+
+def process_alive_since(pid: int, started_before: float) -> bool:
+    """Whether ``pid`` is a live (not zombie) process created no later than ``started_before``."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return proc.create_time() <= started_before + _CLOCK_SLACK_S
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
