@@ -45,7 +45,7 @@ def build_catalog(storage: Storage, db_path: Path | None = None) -> dict[str, An
         counts: dict[str, int] = {}
         views = []
         for model in adapters.list_models():
-            vectors = _files(storage.root / "embeddings" / model / "vectors", "month=*/tile=*.parquet")
+            vectors = _files(storage.root / "embeddings" / model / "vectors", "*/*.parquet")
             if vectors is None:
                 continue
             dim = adapters.get_spec(model).embed_dim
@@ -65,23 +65,32 @@ def build_catalog(storage: Storage, db_path: Path | None = None) -> dict[str, An
                         "geometry::GEOMETRY AS geometry) FROM _no_vectors")
             con.unregister("_no_vectors")
 
-        manifests = _files(storage.root / "embeddings", "*/manifest/month=*/tile=*.json")
-        if manifests:
+        manifests = _files(storage.root / "embeddings", "*/vectors/*/*.parquet")
+        if manifests:  # the manifest of each committed partition lives in its vectors file's footer
             con.execute(f"""
                 CREATE TABLE manifest AS
-                SELECT model, tile, month::VARCHAR AS month, rows, checkpoint_sha256, checkpoint_random_init,
-                       checkpoint_source, composite_version, preprocessing_hash, code_version, provider, synthetic,
-                       device, dtype, chips_total, chips_embedded, chips_skipped, seconds, chips_per_s,
-                       frame_months::VARCHAR[] AS frame_months, distinct_frames, vectors_path, grid_path
-                FROM read_json_auto('{manifests}', union_by_name=true)""")
+                WITH kv AS (SELECT decode(value) AS j FROM parquet_kv_metadata('{manifests}')
+                            WHERE decode(key) = 'rs_embed_assets')
+                SELECT j->>'model' AS model, j->>'tile' AS tile, j->>'month' AS month, (j->>'rows')::BIGINT AS rows,
+                       j->>'checkpoint_sha256' AS checkpoint_sha256,
+                       (j->>'checkpoint_random_init')::BOOLEAN AS checkpoint_random_init,
+                       j->>'checkpoint_source' AS checkpoint_source, j->>'composite_version' AS composite_version,
+                       j->>'preprocessing_hash' AS preprocessing_hash, j->>'code_version' AS code_version,
+                       j->>'provider' AS provider, (j->>'synthetic')::BOOLEAN AS synthetic, j->>'device' AS device,
+                       j->>'dtype' AS dtype, (j->>'chips_total')::BIGINT AS chips_total,
+                       (j->>'chips_embedded')::BIGINT AS chips_embedded, (j->>'chips_skipped')::BIGINT AS chips_skipped,
+                       (j->>'seconds')::DOUBLE AS seconds, (j->>'chips_per_s')::DOUBLE AS chips_per_s,
+                       (j->'frame_months')::VARCHAR[] AS frame_months, (j->>'distinct_frames')::INTEGER AS distinct_frames,
+                       j->>'vectors_path' AS vectors_path, j->>'grid_path' AS grid_path
+                FROM kv""")
         else:
             con.execute("CREATE TABLE manifest (model VARCHAR, tile VARCHAR, month VARCHAR, rows BIGINT)")
-        composites = _files(storage.root / "composites", "*/_manifest/month=*/tile=*.json")
+        composites = _files(storage.root / "composites", "*/*/*.json")
         if composites:
             con.execute(f"""
                 CREATE TABLE composites AS
                 SELECT sensor, tile, month::VARCHAR AS month, status, valid_fraction, scene_count, provider,
-                       synthetic, data_version, path
+                       synthetic, data_version, store AS path
                 FROM read_json_auto('{composites}', union_by_name=true)""")
         else:
             con.execute("CREATE TABLE composites (sensor VARCHAR, tile VARCHAR, month VARCHAR, status VARCHAR)")

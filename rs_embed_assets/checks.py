@@ -205,15 +205,16 @@ def partition_problems(storage, model_id: str, manifest: dict, dim: int) -> list
 
     import adapters
 
-    from .grid import chip_windows, parse_tile_key
-    from .materialize import read_composite
+    from .grid import parse_tile_key
+    from .lattice import chip_lattice
 
     spec = adapters.get_spec(model_id)
     tile, month = manifest["tile"], manifest["month"]
     label = f"{tile}/{month}"
-    table = pq.read_table(manifest["vectors_path"])
-    t = parse_tile_key(tile)
-    expected = len(chip_windows(t.height, t.width, spec.chip_size))
-    composites = [read_composite(storage, spec.sensor, tile, m) for m in manifest.get("frame_months", [month])]
+    table = pq.read_table(storage.resolve(manifest["vectors_path"]))
+    expected = chip_lattice(parse_tile_key(tile), spec.chip_size).count
+    # lazily opened: only valid_count and the coordinates are read
+    composites = [storage.open_composite(spec.sensor, tile, m).lazy_dataset()
+                  for m in manifest.get("frame_months", [month])]
     return check_embedding_partition(table, manifest, dim=dim, composites=composites, chips_expected=expected,
                                      label=label)

@@ -215,20 +215,33 @@ def mgrs_tile(name: str) -> Tile:
     return Tile(mgrs=name, epsg=epsg, x0=float(x0), y0=float(y0), width=TILE_PIXELS, height=TILE_PIXELS)
 
 
+MAX_SUBDIVISION = TILE_PIXELS // 64  # sub-tiles stay at least 64 px (one FoMo chip) wide
+
+
 def valid_subdivisions() -> list[int]:
-    return [k for k in range(1, TILE_PIXELS + 1) if TILE_PIXELS % k == 0 and TILE_PIXELS // k >= 64]
+    return list(range(1, MAX_SUBDIVISION + 1))
+
+
+def subtile_span(k: int, i: int) -> tuple[int, int]:
+    """Pixel rows (or cols) [start, end) of sub-tile row (or col) ``i`` of a k×k split.
+
+    Boundaries are ``floor(i * 10980 / k)``: sizes differ by at most one pixel when k does not divide
+    10 980, and the k sub-tiles always cover the tile exactly.
+    """
+    return i * TILE_PIXELS // k, (i + 1) * TILE_PIXELS // k
 
 
 def subtile(name: str, k: int, row: int, col: int) -> Tile:
-    if k < 1 or TILE_PIXELS % k:
-        raise TileError(f"sub-tiling k={k} does not divide the {TILE_PIXELS} px tile evenly; use one of "
-                        f"{', '.join(map(str, valid_subdivisions()[:16]))}, …")
+    if not 1 <= k <= MAX_SUBDIVISION:
+        raise TileError(f"sub-tiling k={k} is out of range; use 1 (whole tiles) to {MAX_SUBDIVISION} "
+                        f"(sub-tiles of at least 64 px)")
     if not (0 <= row < k and 0 <= col < k):
         raise TileError(f"sub-tile r{row:02d}-c{col:02d} is outside a {k}×{k} split; rows/cols run 0..{k - 1}")
     base = mgrs_tile(name)
-    size = TILE_PIXELS // k
-    return Tile(mgrs=name, epsg=base.epsg, x0=base.x0 + col * size * PIXEL_SIZE_M,
-                y0=base.y0 - row * size * PIXEL_SIZE_M, width=size, height=size, k=k, row=row, col=col)
+    y0, y1 = subtile_span(k, row)
+    x0, x1 = subtile_span(k, col)
+    return Tile(mgrs=name, epsg=base.epsg, x0=base.x0 + x0 * PIXEL_SIZE_M,
+                y0=base.y0 - y0 * PIXEL_SIZE_M, width=x1 - x0, height=y1 - y0, k=k, row=row, col=col)
 
 
 def parse_tile_key(key: str) -> Tile:
@@ -606,24 +619,24 @@ def tiles_for_aoi(aoi: AOI, *, k: int = 1) -> list[str]:
     """
     import shapely
 
-    if k < 1 or TILE_PIXELS % k:
-        raise TileError(f"sub-tiling k={k} does not divide {TILE_PIXELS}; use one of "
-                        f"{', '.join(map(str, valid_subdivisions()[:16]))}, …")
+    if not 1 <= k <= MAX_SUBDIVISION:
+        raise TileError(f"sub-tiling k={k} is out of range; use 1 (whole tiles) to {MAX_SUBDIVISION}")
     keys: set[str] = set()
-    size_m = TILE_PIXELS // k * PIXEL_SIZE_M
+    edges = np.array([subtile_span(k, i)[0] for i in range(k)] + [TILE_PIXELS]) * PIXEL_SIZE_M
     for name, piece in aoi_tile_pieces(aoi):
         if k == 1:
             keys.add(name)
             continue
         tile = mgrs_tile(name)
         bx0, by0, bx1, by1 = piece.bounds
-        c0, c1 = max(0, int((bx0 - tile.x0) // size_m)), min(k - 1, int((bx1 - tile.x0) // size_m))
-        r0, r1 = max(0, int((tile.y0 - by1) // size_m)), min(k - 1, int((tile.y0 - by0) // size_m))
+        def idx(v: float) -> int:
+            return int(np.searchsorted(edges, v, side="right")) - 1
+
+        c0, c1 = max(0, idx(bx0 - tile.x0)), min(k - 1, idx(bx1 - tile.x0))
+        r0, r1 = max(0, idx(tile.y0 - by1)), min(k - 1, idx(tile.y0 - by0))
         rr, cc = np.meshgrid(np.arange(r0, r1 + 1), np.arange(c0, c1 + 1), indexing="ij")
         rr, cc = rr.ravel(), cc.ravel()
-        x0 = tile.x0 + cc * size_m
-        y1 = tile.y0 - rr * size_m
-        boxes = shapely.box(x0, y1 - size_m, x0 + size_m, y1)
+        boxes = shapely.box(tile.x0 + edges[cc], tile.y0 - edges[rr + 1], tile.x0 + edges[cc + 1], tile.y0 - edges[rr])
         shapely.prepare(piece)
         hit = _interior_hits(boxes, piece)
         keys.update(subtile(name, k, int(r), int(c)).key for r, c in zip(rr[hit], cc[hit]))
@@ -635,13 +648,3 @@ def tile_footprint_lonlat(tile: Tile, step_m: float = 1000.0):
     import shapely
 
     return _project(shapely.segmentize(_tile_box(tile), step_m), tile.epsg, 4326)
-
-
-def chip_windows(height: int, width: int, chip: int) -> list[tuple[int, int, int, int]]:
-    """Chips of ``chip`` px on a regular grid from the upper-left corner: (row, col, y_off, x_off).
-
-    Only whole chips are cut. The remainder at the east/south edge (< one chip) is not embedded:
-    for whole tiles it lies in the 9.8 km overlap that the neighbouring tile covers.
-    """
-    return [(r, c, r * chip, c * chip) for r in range(height // chip) for c in range(width // chip)]
-

@@ -73,6 +73,7 @@ class ModelResource(dg.ConfigurableResource):
     batch_size: int = env_int("RS_EMBED_BATCH_SIZE", 0)
     pooling: str = "mean"
     min_valid_fraction: float = 0.0
+    grid_dtype: str = ""  # float16 | float32 | none; default RS_EMBED_<MODEL>_GRID_DTYPE, RS_EMBED_GRID_DTYPE, float16
 
     def setup_for_execution(self, context) -> None:
         self.validate()  # a bad knob fails the run before any work, naming the knob and the fix
@@ -97,8 +98,10 @@ class ModelResource(dg.ConfigurableResource):
 
     def settings(self) -> EmbeddingSettings:
         self.validate()
+        grid_dtype = (self.grid_dtype or env_str(f"RS_EMBED_{self.model_id.upper()}_GRID_DTYPE", "")
+                      or env_str("RS_EMBED_GRID_DTYPE", "float16")).lower()
         return EmbeddingSettings(pooling=self.pooling, batch_size=self.batch_size or None,
-                                 min_valid_fraction=self.min_valid_fraction)
+                                 min_valid_fraction=self.min_valid_fraction, grid_dtype=grid_dtype)
 
 
 class KnobError(ValueError):

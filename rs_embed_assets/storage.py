@@ -1,34 +1,88 @@
-"""The on-disk layout of the catalog and atomic writes.
+"""The on-disk layout of the catalog, its commit points, and streamed, verified reads and writes.
 
-    <root>/checkpoints/<checkpoint_id>.json                       resolved checkpoint record
-    <root>/checkpoints/<checkpoint_id>/random-init-seed<N>.pt     demo weights (only when asked for)
-    <root>/composites/<sensor>/<tile>/<YYYY-MM>.zarr              composite (band, y, x) + valid_count
-    <root>/embeddings/<model>/grid/<tile>/<YYYY-MM>.zarr          (feature, y, x) georeferenced grid
-    <root>/embeddings/<model>/vectors/month=<YYYY-MM>/tile=<tile>.parquet   one row per chip
-    <root>/embeddings/<model>/manifest/month=<YYYY-MM>/tile=<tile>.json     per-partition provenance
-    <root>/catalog.duckdb
+    <root>/checkpoints/<checkpoint_id>.json                          resolved checkpoint record
+    <root>/checkpoints/<checkpoint_id>/random-init-seed<N>-<cfg>.pt  demo weights (only when asked for)
+    <root>/composites/<sensor>/<tile>/<YYYY-MM>.json                 commit record of a composite partition
+    <root>/composites/<sensor>/<tile>/<YYYY-MM>/<version>.zarr       the immutable store it points to
+    <root>/embeddings/<model>/vectors/<YYYY-MM>/<tile>.parquet       commit point of an embedding partition:
+                                                                     one row per chip, and the partition's
+                                                                     manifest in the Parquet footer
+    <root>/embeddings/<model>/grid/<tile>/<YYYY-MM>/<version>.zarr   the immutable grid it points to
+    <root>/.staging/                                                 every write starts here
+    <root>/catalog.duckdb, <root>/stac/                              built by the catalog asset
 
-Every write goes to a temporary sibling and is renamed into place, so a reader sees either the
-old or the new partition, never a half-written one, and re-materialising replaces, never duplicates.
+One commit point per partition. Stores are written under ``.staging/``, renamed to a new version
+name (never over a live store), and become visible only when the partition's commit file (the
+composite record, or the vectors Parquet with its manifest) is atomically renamed into place. Only
+then is the previous version removed. So a reader that resolves a partition through its commit
+file sees the old partition or the new one, never a mix, and the vectors and the manifest of a
+partition can never disagree (they are one file). Leftovers of killed writes (staging files,
+versions no commit file points to) are removed by the next write of that partition and by
+``rs-embed-assets doctor``.
+
+Folder names carry no ``key=value`` (no hive partitioning), so ``embeddings/<model>/vectors`` is one
+plain GeoParquet dataset whose ``month`` column is a DATE for every reader.
+
+Composite stores carry per-block SHA-256 hashes in their commit record; every read verifies the
+blocks it touches (a deleted or damaged chunk is refused with the path and the fix).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import xarray as xr
+
+MANIFEST_KEY = b"rs_embed_assets"
+STAGING = ".staging"
+ZARR_FORMAT = 2  # GDAL (3.6+, including the one in rasterio's wheels) reads zarr v2 with zstd
 
 
 class StorageError(RuntimeError):
-    pass
+    """A store or file that cannot be used as it is; the message names the path and the fix."""
+
+
+class StaleReadError(StorageError):
+    """The partition was replaced while it was being read; reading again gets the new version."""
+
+
+def new_version() -> str:
+    """A sortable, unique version name: UTC time plus randomness."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
 
 
 class Storage:
@@ -36,45 +90,67 @@ class Storage:
         self.root = Path(root).expanduser().resolve()
 
     # --- paths -----------------------------------------------------------------------------
+    def rel(self, path: Path) -> str:
+        """``path`` relative to the data root (what records store, so a moved root still works)."""
+        return Path(path).resolve().relative_to(self.root).as_posix()
+
+    def resolve(self, rel: str) -> Path:
+        return self.root / rel
+
     def checkpoint_record(self, checkpoint_id: str) -> Path:
         return self.root / "checkpoints" / f"{checkpoint_id}.json"
 
     def checkpoint_dir(self, checkpoint_id: str) -> Path:
         return self.root / "checkpoints" / checkpoint_id
 
-    def composite_path(self, sensor: str, tile: str, month: str) -> Path:
-        return self.root / "composites" / sensor / tile / f"{month}.zarr"
+    def composite_record_path(self, sensor: str, tile: str, month: str) -> Path:
+        return self.root / "composites" / sensor / tile / f"{month}.json"
 
-    def grid_path(self, model: str, tile: str, month: str) -> Path:
-        return self.root / "embeddings" / model / "grid" / tile / f"{month}.zarr"
+    def composite_versions_dir(self, sensor: str, tile: str, month: str) -> Path:
+        return self.root / "composites" / sensor / tile / month
+
+    def vectors_dir(self, model: str) -> Path:
+        return self.root / "embeddings" / model / "vectors"
 
     def vectors_path(self, model: str, tile: str, month: str) -> Path:
-        return self.root / "embeddings" / model / "vectors" / f"month={month}" / f"tile={tile}.parquet"
+        return self.vectors_dir(model) / month / f"{tile}.parquet"
 
-    def manifest_path(self, model: str, tile: str, month: str) -> Path:
-        return self.root / "embeddings" / model / "manifest" / f"month={month}" / f"tile={tile}.json"
+    def grid_versions_dir(self, model: str, tile: str, month: str) -> Path:
+        return self.root / "embeddings" / model / "grid" / tile / month
 
-    def composite_manifest_path(self, sensor: str, tile: str, month: str) -> Path:
-        return self.root / "composites" / sensor / "_manifest" / f"month={month}" / f"tile={tile}.json"
+    @property
+    def staging_dir(self) -> Path:
+        return self.root / STAGING
 
     @property
     def catalog_path(self) -> Path:
         return self.root / "catalog.duckdb"
 
-    # --- atomic primitives -----------------------------------------------------------------
+    def staging_path(self, hint: str) -> Path:
+        """A fresh name under ``.staging/`` (same filesystem as the data, so renames are atomic)."""
+        self.staging_dir.mkdir(parents=True, exist_ok=True)
+        return self.staging_dir / f"{uuid.uuid4().hex[:12]}-{hint}"
+
+    # --- atomic files ----------------------------------------------------------------------
     @contextmanager
     def atomic_path(self, dst: Path) -> Iterator[Path]:
-        """Yield a temporary sibling path; on success move it over ``dst`` (file or directory)."""
+        """Yield a staging path; on success it is fsynced and renamed over ``dst`` (a file)."""
         dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp = self.staging_path(dst.name)
         try:
             yield tmp
             if not tmp.exists():
-                raise StorageError(f"writer produced nothing at {tmp}")
-            replace(tmp, dst)
+                raise StorageError(f"writer produced nothing for {dst}")
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, dst)
+            _fsync_dir(dst.parent)
+        except OSError as exc:
+            raise StorageError(f"could not write {dst}: {exc.strerror or exc}; check free space and permissions "
+                               f"under {self.root}") from exc
         finally:
             if tmp.exists():
-                shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+                _remove(tmp)
 
     def write_json(self, dst: Path, obj: Any) -> Path:
         with self.atomic_path(dst) as tmp:
@@ -82,48 +158,353 @@ class Storage:
         return dst
 
     def read_json(self, path: Path) -> Any:
-        return json.loads(path.read_text())
-
-    # --- datasets --------------------------------------------------------------------------
-    def write_zarr(self, ds: xr.Dataset, dst: Path, *, chunks: dict[str, int] | None = None) -> Path:
-        ds = ds.copy()
-        encoding = {}
-        if chunks:
-            for name, var in ds.data_vars.items():
-                if var.ndim:
-                    encoding[name] = {"chunks": tuple(min(chunks.get(d, var.sizes[d]), var.sizes[d]) for d in var.dims)}
-        for name in ds.variables:  # zarr v3 / xarray refuse attrs that are not JSON scalars/lists
-            ds[name].attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in ds[name].attrs.items()}
-        with self.atomic_path(dst) as tmp:
-            ds.to_zarr(tmp, mode="w", zarr_format=3, encoding=encoding, consolidated=False)
-        return dst
-
-    def read_zarr(self, path: Path) -> xr.Dataset:
-        if not path.exists():
-            raise StorageError(f"{path} does not exist")
-        with xr.open_zarr(path, zarr_format=3, consolidated=False) as ds:
-            return ds.load()
-
-    def write_parquet(self, table: pa.Table, dst: Path) -> Path:
-        with self.atomic_path(dst) as tmp:
-            pq.write_table(table, tmp, compression="zstd")
-        return dst
-
-
-def replace(tmp: Path, dst: Path) -> None:
-    """Move ``tmp`` over ``dst``; directories are swapped via a short-lived backup name."""
-    if tmp.is_dir():
-        backup = None
-        if dst.exists():
-            backup = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(dst, backup)
         try:
-            os.replace(tmp, dst)
-        except BaseException:
-            if backup is not None:
-                os.replace(backup, dst)
-            raise
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.replace(tmp, dst)
+            return json.loads(Path(path).read_text())
+        except json.JSONDecodeError as exc:
+            raise StorageError(f"{path} is not valid JSON ({exc}); it was damaged outside this tool — "
+                               "re-materialise the partition it belongs to") from exc
+
+    # --- committing versioned stores ---------------------------------------------------------
+    def publish_version(self, staged: Path, versions_dir: Path, suffix: str = ".zarr") -> Path:
+        """Move a finished staged store to a new, never-before-used version name; returns its path."""
+        versions_dir.mkdir(parents=True, exist_ok=True)
+        dst = versions_dir / f"{new_version()}{suffix}"
+        os.replace(staged, dst)
+        _fsync_dir(versions_dir)
+        return dst
+
+    def prune_versions(self, versions_dir: Path, keep: Path | None) -> list[Path]:
+        """Remove every version in ``versions_dir`` but ``keep`` (run right after a commit)."""
+        removed = []
+        if not versions_dir.is_dir():
+            return removed
+        for p in versions_dir.iterdir():
+            if keep is not None and p.resolve() == Path(keep).resolve():
+                continue
+            _remove(p)
+            removed.append(p)
+        if keep is None:
+            try:
+                versions_dir.rmdir()
+            except OSError:
+                pass
+        return removed
+
+    # --- composites ---------------------------------------------------------------------------
+    def composite_record(self, sensor: str, tile: str, month: str) -> dict[str, Any] | None:
+        path = self.composite_record_path(sensor, tile, month)
+        return self.read_json(path) if path.exists() else None
+
+    def commit_composite(self, sensor: str, tile: str, month: str, store: Path, record: dict[str, Any]) -> dict:
+        """Make ``store`` (already published) the partition's composite; remove older versions."""
+        record = dict(record, store=self.rel(store))
+        self.write_json(self.composite_record_path(sensor, tile, month), record)
+        self.prune_versions(self.composite_versions_dir(sensor, tile, month), keep=store)
+        return record
+
+    def open_composite(self, sensor: str, tile: str, month: str) -> "CompositeReader":
+        record = self.composite_record(sensor, tile, month)
+        if record is None:
+            raise StorageError(f"{sensor}_composite {tile} {month} is not materialised "
+                               f"({self.composite_record_path(sensor, tile, month)} is missing); "
+                               f"materialise {sensor}_composite for that partition first")
+        return CompositeReader(self, record)
+
+    def iter_composite_records(self, sensor: str | None = None) -> Iterator[dict[str, Any]]:
+        base = self.root / "composites"
+        for path in sorted(base.glob(f"{sensor or '*'}/*/*.json")):
+            yield self.read_json(path)
+
+    # --- embeddings ---------------------------------------------------------------------------
+    def read_manifest(self, model: str, tile: str, month: str) -> dict[str, Any] | None:
+        """The committed manifest of an embedding partition (from its vectors file), or None."""
+        path = self.vectors_path(model, tile, month)
+        return read_footer_manifest(path) if path.exists() else None
+
+    def iter_manifests(self, model: str | None = None) -> Iterator[dict[str, Any]]:
+        base = self.root / "embeddings"
+        for path in sorted(base.glob(f"{model or '*'}/vectors/*/*.parquet")):
+            yield read_footer_manifest(path)
+
+    def open_grid(self, model: str, tile: str, month: str):
+        """The committed grid of a partition as a lazy ``xarray.Dataset`` (None when it has no grid)."""
+        import xarray as xr
+
+        for attempt in range(2):
+            manifest = self.read_manifest(model, tile, month)
+            if manifest is None:
+                raise StorageError(f"embeddings/{model} {tile} {month} is not materialised; "
+                                   f"materialise embeddings/{model} for that partition first")
+            if not manifest.get("grid_path"):
+                return None
+            path = self.resolve(manifest["grid_path"])
+            try:
+                return xr.open_zarr(path, zarr_format=ZARR_FORMAT, consolidated=True)
+            except FileNotFoundError:
+                if attempt:
+                    raise StorageError(f"grid {path} named by the manifest of {model} {tile} {month} is gone; "
+                                       "re-materialise the partition (or run `rs-embed-assets doctor`)") from None
+        raise AssertionError("unreachable")
+
+    def commit_vectors(self, staged_parquet: Path, model: str, tile: str, month: str) -> Path:
+        """The embedding partition's commit point: rename its vectors file (manifest inside) into place."""
+        dst = self.vectors_path(model, tile, month)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with open(staged_parquet, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(staged_parquet, dst)
+        _fsync_dir(dst.parent)
+        return dst
+
+    # --- housekeeping -------------------------------------------------------------------------
+    def clean_staging(self, older_than_s: float = 0.0, suffix: str = "") -> list[Path]:
+        """Remove staging leftovers (of killed writes): those ending in ``suffix``, older than ``older_than_s``."""
+        removed = []
+        if not self.staging_dir.is_dir():
+            return removed
+        now = time.time()
+        for p in self.staging_dir.iterdir():
+            if suffix and not p.name.endswith(suffix):
+                continue
+            try:
+                if now - p.stat().st_mtime >= older_than_s:
+                    _remove(p)
+                    removed.append(p)
+            except FileNotFoundError:
+                pass
+        return removed
+
+
+def read_footer_manifest(path: Path) -> dict[str, Any]:
+    try:
+        meta = pq.read_metadata(path).metadata or {}
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise StorageError(f"{path} is not a readable Parquet file ({exc}); re-materialise its partition") from exc
+    if MANIFEST_KEY not in meta:
+        raise StorageError(f"{path} has no partition manifest in its footer; it was not written by "
+                           "rs-embed-assets — remove it or re-materialise its partition")
+    return json.loads(meta[MANIFEST_KEY])
+
+
+# --- zarr stores --------------------------------------------------------------------------------
+def _compressor():
+    import numcodecs
+
+    return numcodecs.Zstd(level=1)
+
+
+def geo_attrs(crs_wkt: str, transform: Sequence[float]) -> dict[str, Any]:
+    """CF/GDAL grid-mapping attributes for the ``spatial_ref`` coordinate."""
+    return {"crs_wkt": crs_wkt, "spatial_ref": crs_wkt, "GeoTransform": " ".join(repr(float(v)) for v in transform)}
+
+
+class ZarrStoreWriter:
+    """A zarr v2 store written region by region under ``.staging/``, then published as a version.
+
+    ``variables``: name → (dims, shape, chunks, dtype, fill_value, attrs). Coordinates are 1-D numpy
+    arrays (written at once); ``spatial_ref`` is a scalar coordinate carrying the CRS.
+    """
+
+    def __init__(self, storage: Storage, hint: str, *, variables: dict[str, tuple], coords: dict[str, tuple],
+                 attrs: dict[str, Any], crs_wkt: str, transform: Sequence[float]):
+        import zarr
+
+        self.storage = storage
+        self.path = storage.staging_path(hint)
+        self.group = zarr.open_group(str(self.path), mode="w", zarr_format=ZARR_FORMAT)
+        self.group.attrs.update(_jsonable(attrs))
+        crs = geo_attrs(crs_wkt, transform)
+        sr = self.group.create_array("spatial_ref", shape=(), dtype="int32", fill_value=0)
+        sr.attrs.update({"_ARRAY_DIMENSIONS": [], **crs})
+        sr[...] = 0
+        for name, (dims, values, vattrs) in coords.items():
+            values = np.asarray(values)
+            arr = self.group.create_array(name, shape=values.shape, dtype=values.dtype, chunks=values.shape,
+                                          compressors=None, fill_value=None)
+            arr.attrs.update({"_ARRAY_DIMENSIONS": list(dims), **_jsonable(vattrs)})
+            arr[...] = values
+        self.arrays = {}
+        for name, (dims, shape, chunks, dtype, fill, vattrs) in variables.items():
+            arr = self.group.create_array(name, shape=shape, chunks=tuple(min(c, s) for c, s in zip(chunks, shape)),
+                                          dtype=dtype, compressors=_compressor(), fill_value=fill)
+            arr.attrs.update({"_ARRAY_DIMENSIONS": list(dims), "grid_mapping": "spatial_ref",
+                              "coordinates": "spatial_ref", "_CRS": {"wkt": crs_wkt}, **_jsonable(vattrs)})
+            self.arrays[name] = arr
+
+    def write(self, name: str, region: tuple[slice, ...], values: np.ndarray) -> None:
+        self.arrays[name][region] = values
+
+    def set_attrs(self, attrs: dict[str, Any]) -> None:
+        self.group.attrs.update(_jsonable(attrs))
+
+    def publish(self, versions_dir: Path) -> Path:
+        import zarr
+
+        zarr.consolidate_metadata(str(self.path), zarr_format=ZARR_FORMAT)
+        return self.storage.publish_version(self.path, versions_dir)
+
+    def abort(self) -> None:
+        _remove(self.path)
+
+
+def _jsonable(attrs: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in attrs.items():
+        if hasattr(v, "item") and not isinstance(v, (list, dict, str)):
+            v = v.item()
+        out[k] = v
+    return out
+
+
+def block_hash(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(str(a.dtype).encode() + str(a.shape).encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()[:32]
+
+
+@dataclass
+class _Block:
+    index: int
+    data: np.ndarray | None  # (C, rows, W) stored dtype; None while only valid_count was read
+    valid_count: np.ndarray  # (rows, W)
+
+
+class CompositeReader:
+    """Verified, block-wise reads of a committed composite.
+
+    Blocks are full-width row bands of ``block_rows`` rows (the store's chunk height). Every block
+    is hashed when first read and compared with the commit record; a mismatch (deleted or damaged
+    chunk) is an error naming the store and the fix. The last ``cache_blocks`` blocks stay in memory
+    so consecutive chip rows reuse them.
+    """
+
+    def __init__(self, storage: Storage, record: dict[str, Any], *, cache_blocks: int = 2):
+        import zarr
+
+        self.storage = storage
+        self.record = record
+        self.path = storage.resolve(record["store"])
+        try:
+            group = zarr.open_group(str(self.path), mode="r", zarr_format=ZARR_FORMAT)
+            self._data = group["data"]
+            self._valid = group["valid_count"]
+        except (FileNotFoundError, KeyError, ValueError, json.JSONDecodeError) as exc:
+            raise StorageError(f"composite store {self.path} cannot be opened ({type(exc).__name__}: {exc}); "
+                               f"re-materialise {record['sensor']}_composite {record['tile']} {record['month']} "
+                               "(or run `rs-embed-assets doctor`)") from exc
+        self.bands: list[str] = list(record["bands"])
+        self.block_rows = int(record["block_rows"])
+        self.hashes: list[list[str]] = [list(h) for h in record["block_hashes"]]  # [data, valid_count]
+        self.shape = tuple(self._data.shape)  # (C, H, W)
+        self.cache_blocks = cache_blocks
+        self._cache: dict[int, _Block] = {}
+
+    @property
+    def height(self) -> int:
+        return self.shape[1]
+
+    @property
+    def width(self) -> int:
+        return self.shape[2]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._data.dtype
+
+    def _check(self, what: int, i: int, arrays: tuple[np.ndarray, ...], y0: int, y1: int) -> None:
+        if block_hash(*arrays) == self.hashes[i][what]:
+            return
+        current = self.storage.composite_record(self.record["sensor"], self.record["tile"], self.record["month"])
+        if current is not None and current.get("store") != self.record["store"]:
+            raise StaleReadError(f"{self.path} was replaced while reading; read the partition again")
+        name = ("data", "valid_count")[what]
+        raise StorageError(
+            f"composite store {self.path} is damaged: {name} rows {y0}–{y1} do not match the hash recorded when "
+            f"it was written (a chunk was deleted or changed). Re-materialise {self.record['sensor']}_composite "
+            f"{self.record['tile']} {self.record['month']}; `rs-embed-assets doctor` lists every damaged store")
+
+    def _read(self, arr, region) -> np.ndarray:
+        try:
+            return arr[region]
+        except FileNotFoundError as exc:
+            raise StaleReadError(f"{self.path} disappeared while reading") from exc
+
+    def _block(self, i: int) -> _Block:
+        blk = self._cache.get(i)
+        if blk is not None and blk.data is not None:
+            return blk
+        y0, y1 = i * self.block_rows, min(self.height, (i + 1) * self.block_rows)
+        data = self._read(self._data, (slice(None), slice(y0, y1), slice(None)))
+        self._check(0, i, (data,), y0, y1)
+        valid = blk.valid_count if blk is not None else self._valid_block(i)
+        blk = _Block(i, data, valid)
+        self._remember(blk)
+        return blk
+
+    def _valid_block(self, i: int) -> np.ndarray:
+        y0, y1 = i * self.block_rows, min(self.height, (i + 1) * self.block_rows)
+        valid = self._read(self._valid, (slice(y0, y1), slice(None)))
+        self._check(1, i, (valid,), y0, y1)
+        return valid
+
+    def _remember(self, blk: _Block) -> None:
+        self._cache[blk.index] = blk
+        while len(self._cache) > self.cache_blocks:
+            self._cache.pop(min(self._cache))
+
+    def valid_rows(self, y0: int, y1: int) -> np.ndarray:
+        """Rows ``y0:y1`` of valid_count only (cheap: no band data is read), verified."""
+        parts = []
+        for i in range(y0 // self.block_rows, (y1 - 1) // self.block_rows + 1):
+            blk = self._cache.get(i)
+            if blk is None:
+                blk = _Block(i, None, self._valid_block(i))
+                self._remember(blk)
+            valid = blk.valid_count
+            b0 = i * self.block_rows
+            parts.append(valid[max(y0, b0) - b0:min(y1, b0 + valid.shape[0]) - b0])
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+    def rows(self, y0: int, y1: int, band_index: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``y0:y1`` (window coordinates) of the data (C', h, W) and valid_count (h, W), verified."""
+        parts_d, parts_v = [], []
+        for i in range(y0 // self.block_rows, (y1 - 1) // self.block_rows + 1):
+            blk = self._block(i)
+            b0 = i * self.block_rows
+            s, e = max(y0, b0) - b0, min(y1, b0 + blk.valid_count.shape[0]) - b0
+            d = blk.data[:, s:e]
+            parts_d.append(d if band_index is None else d[list(band_index)])
+            parts_v.append(blk.valid_count[s:e])
+        if len(parts_d) == 1:
+            return parts_d[0], parts_v[0]
+        return np.concatenate(parts_d, axis=1), np.concatenate(parts_v, axis=0)
+
+    def verify(self) -> None:
+        """Read and check every block (what ``doctor`` does)."""
+        for i in range(len(self.hashes)):
+            self._block(i)
+            self._cache.clear()
+
+    def lazy_dataset(self):
+        """The store as a lazily loaded ``xarray.Dataset`` of raw values (not verified: for checks and previews
+        that read a few variables; use ``rows``/``to_dataset`` for data that feeds a model)."""
+        import xarray as xr
+
+        return xr.open_zarr(self.path, zarr_format=ZARR_FORMAT, consolidated=True, mask_and_scale=False)
+
+    def to_dataset(self):
+        """The whole composite as an in-memory, verified ``xarray.Dataset`` (small tiles, previews, tests)."""
+        import xarray as xr
+
+        # raw stored values (no fill-value masking), exactly what was hashed
+        with xr.open_zarr(self.path, zarr_format=ZARR_FORMAT, consolidated=True, mask_and_scale=False) as ds:
+            out = ds.load()
+        data, valid = out["data"].values, out["valid_count"].values
+        for i in range(len(self.hashes)):
+            y0, y1 = i * self.block_rows, min(self.height, (i + 1) * self.block_rows)
+            self._check(0, i, (data[:, y0:y1],), y0, y1)
+            self._check(1, i, (valid[y0:y1],), y0, y1)
+        return out

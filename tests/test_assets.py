@@ -71,15 +71,17 @@ def test_graph_materialises_and_catalog_answers_sql(env):
     for key in (S2, S1, FOMO):
         assert len(instance.get_materialized_partitions(key)) == 4
     # files per partition, georeferenced grid, lineage
-    for tile in TILE_KEYS:
+    # on the 31UFU lattice, sub-tile c12 owns 4 × 4 FoMo chips and c13 owns 4 × 5 (its last column
+    # reaches 11 px into c14)
+    for tile, (rows, cols) in zip(TILE_KEYS, [(4, 4), (4, 5)]):
         for month in MONTHS:
             vec = pq.read_table(storage.vectors_path("fomo", tile, month))
-            assert vec.num_rows == 16 and vec.schema.field("embedding").type.list_size == 768
+            assert vec.num_rows == rows * cols and vec.schema.field("embedding").type.list_size == 768
             assert json.loads(vec.schema.metadata[b"geo"])["primary_column"] == "geometry"
-            grid = storage.read_zarr(storage.grid_path("fomo", tile, month))
-            assert grid["embedding"].shape == (768, 16, 16)
+            grid = storage.open_grid("fomo", tile, month)
+            assert grid["embedding"].shape == (768, 4 * rows, 4 * cols)
             assert grid.attrs["crs"] == "EPSG:32631" and grid.attrs["cell_size_m"] == 160.0
-            manifest = json.loads(storage.manifest_path("fomo", tile, month).read_text())
+            manifest = storage.read_manifest("fomo", tile, month)
             assert manifest["checkpoint_random_init"] is True and len(manifest["checkpoint_sha256"]) == 64
     mat = [e for e in res.get_asset_materialization_events() if e.asset_key == FOMO][0].materialization
     for key in ("checkpoint_sha256", "preprocessing_hash", "code_version", "composite_versions", "chips_per_s",
@@ -91,7 +93,7 @@ def test_graph_materialises_and_catalog_answers_sql(env):
     assert ckpt_event.asset_materialization.metadata["random_init"].value is True
 
     with duckdb.connect(str(storage.catalog_path), read_only=True) as con:
-        assert con.execute("SELECT count(*) FROM vectors_fomo").fetchone()[0] == 64
+        assert con.execute("SELECT count(*) FROM vectors_fomo").fetchone()[0] == 72
         assert con.execute("SELECT typeof(embedding) FROM vectors_fomo LIMIT 1").fetchone()[0] == "FLOAT[768]"
         chip, month = con.execute("SELECT chip_id, month FROM vectors ORDER BY chip_id, month LIMIT 1").fetchone()
         rows = con.execute("SELECT * FROM similar_chips('fomo', ?, ?, 3)", [chip, str(month)]).fetchall()
@@ -105,7 +107,7 @@ def test_graph_materialises_and_catalog_answers_sql(env):
                '[5.04,52.63]]]}')
         hits = con.execute("SELECT count(*), count(DISTINCT tile) FROM vectors_fomo "
                            "WHERE ST_Intersects_Extent(geometry, ST_GeomFromGeoJSON(?))", [aoi]).fetchone()
-        assert 0 < hits[0] < 64 and hits[1] == 1
+        assert 0 < hits[0] < 72 and hits[1] == 1
         assert con.execute("SELECT count(*) FROM composites").fetchone()[0] == 8
 
 
@@ -119,9 +121,15 @@ def test_rematerialising_replaces_and_never_duplicates(env):
     np.testing.assert_array_equal(np.asarray(before.column("embedding").combine_chunks().flatten()),
                                   np.asarray(after.column("embedding").combine_chunks().flatten()))
     files = list((storage.root / "embeddings" / "fomo" / "vectors").rglob("*"))
-    assert sorted(f.name for f in files if f.is_file()) == sorted(f"tile={t}.parquet" for t in TILE_KEYS for _ in MONTHS)
+    assert sorted(f.name for f in files if f.is_file()) == sorted(f"{t}.parquet" for t in TILE_KEYS for _ in MONTHS)
+    # one grid version per partition, one composite version per partition, nothing left in staging
+    for tile in TILE_KEYS:
+        for month in MONTHS:
+            assert len(list(storage.grid_versions_dir("fomo", tile, month).iterdir())) == 1
+            assert len(list(storage.composite_versions_dir("s2", tile, month).iterdir())) == 1
+    assert not any(storage.staging_dir.iterdir())
     with duckdb.connect(str(storage.catalog_path), read_only=True) as con:
-        assert con.execute("SELECT count(*), count(DISTINCT (chip_id, month)) FROM vectors").fetchone() == (64, 64)
+        assert con.execute("SELECT count(*), count(DISTINCT (chip_id, month)) FROM vectors").fetchone() == (72, 72)
 
 
 def test_missing_checkpoint_without_random_init_is_a_clear_error(env):
@@ -171,7 +179,7 @@ def test_unknown_tile_partition_is_refused(env):
 def test_temporal_frames_use_nearest_available_month(tmp_path):
     st = Storage(tmp_path)
     for m, status in [("2024-01", "ok"), ("2024-04", "ok"), ("2024-05", "empty"), ("2024-08", "ok")]:
-        st.write_json(st.composite_manifest_path("s2", "T", m), {"status": status, "valid_fraction": 0.0 if status == "empty" else 0.9})
+        st.write_json(st.composite_record_path("s2", "T", m), {"status": status, "valid_fraction": 0.0 if status == "empty" else 0.9})
     window, used = agrifm_frame_months(st, "s2", "T", "2024-08", 8)
     assert window == ["2024-01", "2024-02", "2024-03", "2024-04", "2024-05", "2024-06", "2024-07", "2024-08"]
     # 02 → 01 (nearer than 04); 03 → 04; 05 (empty) → 04; 06 → tie 04/08 → later; 07 → 08
@@ -179,7 +187,7 @@ def test_temporal_frames_use_nearest_available_month(tmp_path):
     with pytest.raises(MissingUpstreamError, match="no s2_composite of T is materialised"):
         agrifm_frame_months(st, "s2", "T", "2023-06", 8)
     # only empty months in the window: an empty outcome from the latest one, not an error
-    st.write_json(st.composite_manifest_path("s2", "T", "2025-06"), {"status": "empty", "valid_fraction": 0.0})
+    st.write_json(st.composite_record_path("s2", "T", "2025-06"), {"status": "empty", "valid_fraction": 0.0})
     assert agrifm_frame_months(st, "s2", "T", "2025-07", 8)[1] == ["2025-06"] * 8
 
 
@@ -233,12 +241,13 @@ def test_every_model_materialises_through_the_graph(tmp_path, small_fomo, monkey
     res = dg.materialize(assets, selection=[dg.AssetKey(["embeddings", m]) for m in models], instance=instance,
                          resources=resources, partition_key=str(make_key(tile, month)))
     assert res.success
-    expected = {"fomo": (64, (768, 32, 32)), "terrafm_b": (4, (768, 28, 28)), "terrafm_b_s1": (4, (768, 28, 28)),
-                "scalemae_rgb": (4, (1024, 28, 28)), "agrifm": (4, (1024, 28, 28)), "dynamicvis": (1, (768, 16, 16))}
+    # the sub-tile owns 8 × 8 FoMo chips, 3 × 2 chips of 224 px and one 512 px chip of the 31UFU lattice
+    expected = {"fomo": (64, (768, 32, 32)), "terrafm_b": (6, (768, 42, 28)), "terrafm_b_s1": (6, (768, 42, 28)),
+                "scalemae_rgb": (6, (1024, 42, 28)), "agrifm": (6, (1024, 42, 28)), "dynamicvis": (1, (768, 16, 16))}
     for m in models:
-        man = json.loads(storage.manifest_path(m, tile, month).read_text())
+        man = storage.read_manifest(m, tile, month)
         assert (man["rows"], tuple(man["grid_shape"])) == expected[m], m
-    agri = json.loads(storage.manifest_path("agrifm", tile, month).read_text())
+    agri = storage.read_manifest("agrifm", tile, month)
     assert agri["window_months"] == history
     assert agri["frame_months"] == ["2024-02", "2024-03", "2024-03", "2024-06", "2024-06", "2024-07", "2024-08", "2024-09"]
     assert agri["distinct_frames"] == 6
@@ -254,8 +263,8 @@ def test_empty_composite_is_a_recorded_outcome_not_a_crash(env, tmp_path):
     key = str(make_key(TILE_KEYS[0], MONTHS[0]))
     res = dg.materialize(assets, selection=[S2, FOMO], instance=instance, resources=resources, partition_key=key)
     assert res.success
-    comp = json.loads(storage.composite_manifest_path("s2", TILE_KEYS[0], MONTHS[0]).read_text())
-    assert comp["status"] == "empty" and "no file at" in comp["provider_info"]
+    comp = storage.composite_record("s2", TILE_KEYS[0], MONTHS[0])
+    assert comp["status"] == "empty" and "no file at" in json.dumps(comp["provider_info"])
     assert pq.read_table(storage.vectors_path("fomo", TILE_KEYS[0], MONTHS[0])).num_rows == 0
     mat = [e for e in res.get_asset_materialization_events() if e.asset_key == S2][0].materialization
     assert mat.metadata["status"].value == "empty"

@@ -22,7 +22,7 @@ def test_tiles_add_and_list_use_the_instance(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["tiles", "add", "31UFU-k7-r0-c0"], "does not divide"),
+    (["tiles", "add", "31UFU-k172-r00-c00"], "out of range"),
     (["tiles", "add", "T31UFU"], "unknown tile key"),
     (["tiles", "for-aoi", "--bbox", "5,53,4,52"], "min < max"),
     (["tiles", "for-aoi", "--bbox", "45.1,120.2,45.3,120.4"], "lat/lon are swapped"),

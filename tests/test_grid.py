@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from rs_embed_assets.grid import (AOI, TILE_PIXELS, TileError, chip_windows, lonlat_to_utm, mgrs_tile,
+from rs_embed_assets.grid import (AOI, TILE_PIXELS, TileError, lonlat_to_utm, mgrs_tile,
                                   parse_bbox, parse_tile_key, subtile, tiles_for_aoi)
 
 # Upper-left corners (lon, lat) of tiles from ESA's Sentinel-2 tiling grid (S2A_OPER_GIP_TILPAR KML,
@@ -55,7 +55,7 @@ def test_subtiles_partition_the_tile_exactly():
     ("31UFUX", "unknown tile key"),
     ("hello", "unknown tile key"),
     ("31UIU", "unknown tile key"),          # I is not an MGRS letter
-    ("31UFU-k7-r00-c00", "does not divide"),
+    ("31UFU-k172-r00-c00", "out of range"),
     ("31UFU-k36-r36-c00", "outside a 36×36 split"),
     ("61UFU", "zones run 01..60"),
     ("31NAA", "not a Sentinel-2 tile"),   # valid MGRS lettering, but a partial square ESA does not tile
@@ -133,13 +133,11 @@ def test_geojson_without_polygons_is_refused():
         AOI.from_geojson({"type": "Point", "coordinates": [5, 52]})
 
 
-def test_chip_windows_cover_whole_chips_only():
-    w = chip_windows(305, 305, 64)
-    assert len(w) == 16 and w[-1] == (3, 3, 192, 192)
-    assert chip_windows(100, 100, 224) == []
+def test_uneven_subtilings_cover_the_tile_exactly():
+    tiles = [subtile("31UFU", 7, 0, c) for c in range(7)]
+    assert sum(t.width for t in tiles) == TILE_PIXELS and {t.width for t in tiles} <= {1568, 1569}
+    assert all(a.x0 + a.width * 10 == b.x0 for a, b in zip(tiles, tiles[1:]))
 
-
-# --- exact AOI coverage (issue 11) ------------------------------------------------------------------
 def _footprints(keys):
     import shapely
 

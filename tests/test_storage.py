@@ -1,33 +1,79 @@
-"""Atomic writes: readers see the old or the new partition, never a half-written one."""
+"""The commit protocol and verified reads of the storage layer."""
+
+import json
+import os
 
 import numpy as np
-import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
-import xarray as xr
 
-from rs_embed_assets.storage import Storage
+from rs_embed_assets.materialize import materialize_composite
+from rs_embed_assets.providers import create_provider
+from rs_embed_assets.storage import StaleReadError, Storage, StorageError
+
+KEY = "31UFU-k36-r21-c12"
 
 
-def _ds(v):
-    return xr.Dataset({"a": (("y", "x"), np.full((4, 4), v, np.float32))})
-
-
-def test_rewrite_replaces_zarr(tmp_path):
+@pytest.fixture
+def committed(tmp_path):
     st = Storage(tmp_path)
-    p = st.composite_path("s2", "31UFU", "2024-01")
-    st.write_zarr(_ds(1), p)
-    st.write_zarr(_ds(2), p)
-    assert float(st.read_zarr(p)["a"].max()) == 2
-    assert [q.name for q in p.parent.iterdir()] == [p.name], "no temporary or backup leftovers"
+    rec = materialize_composite(st, create_provider("sample"), "s2", KEY, "2024-07", block_rows=128)
+    return st, rec
 
 
-def test_failed_write_keeps_previous_version(tmp_path):
-    st = Storage(tmp_path)
-    p = st.vectors_path("fomo", "31UFU", "2024-01")
-    st.write_parquet(pa.table({"a": [1]}), p)
-    with pytest.raises(RuntimeError):
-        with st.atomic_path(p) as tmp:
-            tmp.write_bytes(b"partial")
-            raise RuntimeError("crash mid-write")
-    assert pa.parquet.read_table(p).column("a").to_pylist() == [1]
-    assert [q.name for q in p.parent.iterdir()] == [p.name]
+def test_rewrite_commits_a_new_version_and_removes_the_old(committed):
+    st, first = committed
+    second = materialize_composite(st, create_provider("sample"), "s2", KEY, "2024-07", block_rows=128)
+    assert second["store"] != first["store"] and not st.resolve(first["store"]).exists()
+    assert [p.name for p in st.composite_versions_dir("s2", KEY, "2024-07").iterdir()] == [second["store"].split("/")[-1]]
+    assert second["data_version"] == first["data_version"]  # same pixels, same data version
+    assert not any(st.staging_dir.iterdir())
+
+
+def test_records_hold_paths_relative_to_the_root(committed):
+    st, rec = committed
+    assert not os.path.isabs(rec["store"])
+    moved = st.root.parent / "moved"
+    st.root.rename(moved)
+    reader = Storage(moved).open_composite("s2", KEY, "2024-07")
+    reader.verify()
+
+
+def test_a_deleted_data_chunk_is_refused_with_path_and_fix(committed):
+    st, rec = committed
+    store = st.resolve(rec["store"])
+    os.remove(store / "data" / "0.1.0")
+    reader = st.open_composite("s2", KEY, "2024-07")
+    with pytest.raises(StorageError, match=r"damaged: data rows 128–256 .*Re-materialise s2_composite"):
+        reader.verify()
+
+
+def test_a_deleted_valid_count_chunk_is_refused(committed):
+    st, rec = committed
+    os.remove(st.resolve(rec["store"]) / "valid_count" / "0.0")
+    with pytest.raises(StorageError, match="damaged: valid_count rows 0–128"):
+        st.open_composite("s2", KEY, "2024-07").valid_rows(0, 10)
+
+
+def test_a_store_replaced_while_read_is_a_stale_read_not_a_mix(committed):
+    st, rec = committed
+    reader = st.open_composite("s2", KEY, "2024-07")
+    reader.rows(0, 64)
+    materialize_composite(st, create_provider("sample", seed=1), "s2", KEY, "2024-07", block_rows=128)
+    with pytest.raises(StaleReadError):
+        reader.rows(200, 300)
+
+
+def test_a_broken_record_names_the_file(committed):
+    st, _ = committed
+    st.composite_record_path("s2", KEY, "2024-07").write_text("{not json")
+    with pytest.raises(StorageError, match=r"2024-07.json is not valid JSON"):
+        st.open_composite("s2", KEY, "2024-07")
+
+
+def test_composite_is_georeferenced_and_covers_the_read_window(committed):
+    st, rec = committed
+    ds = st.open_composite("s2", KEY, "2024-07").to_dataset()
+    assert "spatial_ref" in ds.coords and ds["spatial_ref"].attrs["crs_wkt"].startswith("PROJCRS")
+    assert ds["data"].shape == tuple(rec["shape"]) and rec["window"]["height"] >= 305
+    assert float(ds.x[0]) == rec["transform"][0] + 5.0

@@ -114,7 +114,8 @@ def _metadata(adapter, checkpoint: dict, manifests: list[dict]) -> dict:
         md["distinct_frames_min"] = min(m["distinct_frames"] for m in manifests)
     if len(manifests) == 1:
         md["vectors_path"] = dg.MetadataValue.path(first["vectors_path"])
-        md["grid_path"] = dg.MetadataValue.path(first["grid_path"])
+        if first["grid_path"]:
+            md["grid_path"] = dg.MetadataValue.path(first["grid_path"])
         md["grid_shape"] = str(first["grid_shape"])
     return md
 

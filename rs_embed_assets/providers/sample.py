@@ -17,14 +17,18 @@ CI). The scenes still have the structure models react to:
 from __future__ import annotations
 
 import hashlib
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
 import xarray as xr
 
 from ..composite import S2_BANDS, make_composite, parse_month, sensor_spec
-from ..grid import PIXEL_SIZE_M, Tile
+from ..grid import PIXEL_SIZE_M, Tile, mgrs_tile
 from .base import Provider
+
+NOISE_BLOCK = 512  # random fields are drawn per fixed block of the MGRS tile, so windows agree
+CLOUD_OPAQUE_SIGMA = 2.5  # where the cloud field exceeds this, no scene of the month is clear
 
 CLASSES = ("water", "vegetation", "cropland", "bare_soil", "urban")
 
@@ -44,6 +48,10 @@ _S1 = {"water": (0.008, 0.0015), "vegetation": (0.09, 0.025), "cropland": (0.06,
 
 def _seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "little")
+
+
+def _normal(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    return rng.standard_normal(shape, dtype=np.float32)
 
 
 def _smooth_field(seed: int, x: np.ndarray, y: np.ndarray, wavelengths_m=(9000, 4000, 1800, 800)) -> np.ndarray:
@@ -105,25 +113,44 @@ class SampleProvider(Provider):
 
     # -- composites ----------------------------------------------------------------------------
     def composite(self, sensor: str, tile: Tile, month: str) -> xr.Dataset:
+        """The composite of exactly ``tile``'s pixels (any window of an MGRS tile).
+
+        Every value is a function of the absolute pixel position, the month and the seed, never of
+        the window: a sub-tile, a row band or a whole tile agree pixel for pixel where they overlap.
+        """
         month = parse_month(month)
         sensor_spec(sensor)
         lc = self.land_cover(tile)
         season = self._season(tile, month)
         x, y = tile.x_coords(), tile.y_coords()
-        rng = np.random.default_rng(_seed(self.seed, tile.key, month, sensor))
         info = {"synthetic": True, "note": "SYNTHETIC sample data, not real Sentinel imagery",
                 "season_index": round(season, 3), "classes": list(CLASSES)}
         if sensor == "s2":
-            data, valid = self._s2(lc, season, x, y, rng, tile, month)
+            data, valid = self._s2(lc, season, x, y, tile, month)
             info["cloud_cover_target"] = self.cloud_cover
         else:
-            data, valid = self._s1(lc, season, rng)
+            data, valid = self._s1(lc, season, tile, month)
         return make_composite(sensor=sensor, tile=tile, month=month, data=data, valid_count=valid,
                               provider=self.name, synthetic=True, scene_count=self.scenes_per_month,
                               provider_info=info)
 
-    def _s2(self, lc, season, x, y, rng, tile, month):
-        h, w = lc.shape
+    def _noise(self, tile: Tile, lead: tuple[int, ...], draw, *key: Any) -> np.ndarray:
+        """Random fields (``lead`` + (H, W), float32) drawn per fixed 512 px block of the MGRS tile."""
+        base = mgrs_tile(tile.mgrs)
+        oy = int(round((base.y0 - tile.y0) / PIXEL_SIZE_M))
+        ox = int(round((tile.x0 - base.x0) / PIXEL_SIZE_M))
+        h, w, b = tile.height, tile.width, NOISE_BLOCK
+        out = np.empty(lead + (h, w), dtype=np.float32)
+        for by in range(oy // b, (oy + h - 1) // b + 1):
+            for bx in range(ox // b, (ox + w - 1) // b + 1):
+                rng = np.random.default_rng(_seed(self.seed, tile.mgrs, *key, by, bx))
+                blk = draw(rng, lead + (b, b))
+                y0, y1 = max(oy, by * b), min(oy + h, (by + 1) * b)
+                x0, x1 = max(ox, bx * b), min(ox + w, (bx + 1) * b)
+                out[..., y0 - oy:y1 - oy, x0 - ox:x1 - ox] = blk[..., y0 - by * b:y1 - by * b, x0 - bx * b:x1 - bx * b]
+        return out
+
+    def _s2(self, lc, season, x, y, tile, month):
         spectra = np.zeros((len(CLASSES), len(S2_BANDS)), dtype=np.float32)
         green = np.asarray(_S2_SPECTRA["vegetation"], np.float32)
         dormant = np.asarray(_DORMANT_VEGETATION, np.float32)
@@ -134,21 +161,25 @@ class SampleProvider(Provider):
         spectra[CLASSES.index("cropland")] = soil + (green - soil) * crop_green
         spectra[CLASSES.index("bare_soil")] = soil
         spectra[CLASSES.index("urban")] = _S2_SPECTRA["urban"]
-        img = spectra[lc].transpose(2, 0, 1)  # (C, H, W)
+        img = spectra[lc].transpose(2, 0, 1)  # (C, H, W) float32
         # within-class texture (smooth, fixed in time) and per-month noise
         texture = _smooth_field(_seed(self.seed, tile.mgrs, "texture"), x, y, (600, 250, 120))
-        img = img * (1.0 + 0.08 * texture)[None]
-        img = img * (1.0 + 0.03 * rng.standard_normal((len(S2_BANDS), h, w)).astype(np.float32))
-        # clouds: blobs where fewer of the month's scenes are clear; the thickest leave no valid scene
+        img *= (1.0 + 0.08 * texture)[None]
+        img *= 1.0 + 0.03 * self._noise(tile, (len(S2_BANDS),), _normal, month, "s2")
+        # clouds: blobs where fewer of the month's scenes are clear; the thickest leave no valid scene.
+        # The field is ~N(0, 1), so a fixed threshold gives the target cover whatever the window.
         cloud = _smooth_field(_seed(self.seed, tile.mgrs, month, "cloud"), x, y, (5000, 2000, 800))
-        thr = np.quantile(cloud, 1.0 - self.cloud_cover) if self.cloud_cover > 0 else np.inf
-        cloudiness = np.clip((cloud - thr) / max(1e-6, float(cloud.max() - thr)), 0, 1)
+        if self.cloud_cover > 0:
+            thr = NormalDist().inv_cdf(1.0 - self.cloud_cover)
+            cloudiness = np.clip((cloud - thr) / max(1e-6, CLOUD_OPAQUE_SIGMA - thr), 0, 1)
+        else:
+            cloudiness = np.zeros_like(cloud)
         valid = np.round(self.scenes_per_month * (1.0 - cloudiness)).astype(np.uint16)
         data = np.clip(np.round(img), 1, 10000).astype(np.uint16)
         data[:, valid == 0] = 0
         return data, valid
 
-    def _s1(self, lc, season, rng):
+    def _s1(self, lc, season, tile, month):
         h, w = lc.shape
         base = np.zeros((len(CLASSES), 2), np.float32)
         for i, c in enumerate(CLASSES):
@@ -160,9 +191,8 @@ class SampleProvider(Provider):
         mean = base[lc].transpose(2, 0, 1)
         n = self.scenes_per_month
         # median of n gamma-distributed looks (speckle, 4.4 ENL) ≈ reduced multiplicative noise
-        looks = rng.gamma(4.4, 1 / 4.4, size=(n, 2, h, w)).astype(np.float32)
-        data = (mean[None] * looks)
-        data = np.median(data, axis=0).astype(np.float32)
+        looks = self._noise(tile, (n, 2), lambda rng, shape: rng.gamma(4.4, 1 / 4.4, size=shape), month, "s1")
+        data = (mean * np.median(looks, axis=0)).astype(np.float32)
         valid = np.full((h, w), n, dtype=np.uint16)
         return data, valid
 
