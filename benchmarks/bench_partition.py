@@ -1,0 +1,259 @@
+"""Partition-level benchmarks of the streaming tile engine (issue: chip lattice / streaming).
+
+Three measurements, each in a fresh subprocess so peak memory is the step's own:
+
+- ``memory``: peak RSS above the process baseline (interpreter + imports + loaded model) for the
+  composite step and each model's embedding step on one partition (``--tile``, default a whole
+  MGRS tile), with a zero network so only the data path is measured;
+- ``host``: host-side throughput (read → cut → convert → preprocess → write) with a zero network:
+  the rate a GPU would be fed at;
+- ``pipeline``: per model, in one run on the same chips, bare forward chips/s (preprocessed batches
+  straight into the network) against end-to-end partition chips/s, with FLOPs per chip counted by
+  ``torch.utils.flop_counter`` (and so MFU when a peak FLOP/s is given).
+
+    .venv/bin/python benchmarks/bench_partition.py memory --tile 31UFU
+    .venv/bin/python benchmarks/bench_partition.py host --tile 31UFU-k4-r01-c01
+    .venv/bin/python benchmarks/bench_partition.py pipeline --tile 31UFU-k20-r11-c07
+
+Results go to benchmarks/results/partition_<what>_<device>.json with the machine description.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODELS = ["fomo", "terrafm_b", "terrafm_b_s1", "scalemae_rgb", "dynamicvis", "agrifm"]
+
+
+def machine() -> dict:
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def peak_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def zero_network(model_id: str, device: str = "cpu"):
+    """The model's real adapter (spec, preprocessing) whose forward returns zeros: only the data path runs."""
+    import torch
+
+    import adapters
+
+    cls = adapters.get_adapter_class(model_id)
+    spec = cls.spec
+
+    class Zero(cls):
+        def forward_embeddings(self, x, **_):
+            b = x.shape[0]
+            return (torch.zeros(b, spec.embed_dim, device=x.device),
+                    torch.zeros(b, spec.embed_dim, spec.grid_size, spec.grid_size, device=x.device))
+
+    Zero.spec = spec
+    return Zero(torch.nn.Identity(), cls.default_config(), device=device)
+
+
+def _months(model_id: str, month: str) -> list[str]:
+    import adapters
+    from rs_embed_assets.composite import shift_month
+
+    ad_frames = zero_network(model_id).frames if adapters.get_spec(model_id).frames > 1 else 1
+    return [shift_month(month, -k) for k in range(ad_frames - 1, -1, -1)]
+
+
+# --- workers (run in their own process) ---------------------------------------------------------
+def worker_composite(root: str, tile: str, month: str, sensor: str) -> dict:
+    from rs_embed_assets.materialize import materialize_composite
+    from rs_embed_assets.providers import create_provider
+    from rs_embed_assets.storage import Storage
+
+    base = rss_mb()
+    t = time.perf_counter()
+    rec = materialize_composite(Storage(root), create_provider("sample"), sensor, tile, month)
+    return {"step": f"{sensor}_composite", "tile": tile, "seconds": round(time.perf_counter() - t, 2),
+            "baseline_mb": round(base, 1), "peak_mb": round(peak_mb(), 1),
+            "peak_above_baseline_mb": round(peak_mb() - base, 1), "shape": rec["shape"]}
+
+
+def worker_embed(root: str, tile: str, month: str, model_id: str) -> dict:
+    from rs_embed_assets.materialize import EmbeddingSettings, materialize_embeddings
+    from rs_embed_assets.storage import Storage
+
+    ad = zero_network(model_id)
+    base = rss_mb()
+    t = time.perf_counter()
+    man = materialize_embeddings(Storage(root), ad, tile, month, {"sha256": "0" * 64, "random_init": True,
+                                                                 "source_uri": "bench"}, EmbeddingSettings())
+    secs = time.perf_counter() - t
+    return {"step": f"embeddings/{model_id}", "tile": tile, "seconds": round(secs, 2),
+            "baseline_mb": round(base, 1), "peak_mb": round(peak_mb(), 1),
+            "peak_above_baseline_mb": round(peak_mb() - base, 1), "chips": man["chips_embedded"],
+            "host_chips_per_s": round(man["chips_embedded"] / secs, 1) if secs else None,
+            "batch_size": man["batch_size"], "grid_dtype": man["grid_dtype"]}
+
+
+def _run_worker(*args: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, "_worker", *args], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_steps(tile: str, month: str, models: list[str]) -> dict:
+    import adapters
+
+    with tempfile.TemporaryDirectory(prefix="bench-partition-") as root:
+        steps = []
+        months = sorted({m for mid in models for m in _months(mid, month)})
+        sensors = sorted({adapters.get_spec(m).sensor for m in models})
+        for sensor in sensors:
+            for m in months if sensor == "s2" else [month]:
+                r = _run_worker("composite", root, tile, m, sensor)
+                if m == month:
+                    steps.append(r)
+                print(json.dumps(r), flush=True)
+        for model_id in models:
+            r = _run_worker("embed", root, tile, month, model_id)
+            steps.append(r)
+            print(json.dumps(r), flush=True)
+    return {"tile": tile, "month": month, "network": "zero (data path only)", "steps": steps}
+
+
+def bench_pipeline(tile: str, month: str, models: list[str], device: str, peak_tflops: float | None,
+                   repeats: int) -> dict:
+    """Bare forward against the whole partition, on the same chips, for full-size random-weight models."""
+    import numpy as np
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import adapters
+    from rs_embed_assets.embedding import to_float32
+    from rs_embed_assets.grid import parse_tile_key
+    from rs_embed_assets.lattice import chip_lattice
+    from rs_embed_assets.materialize import EmbeddingSettings, materialize_composite, materialize_embeddings
+    from rs_embed_assets.providers import create_provider
+    from rs_embed_assets.storage import Storage
+
+    out = []
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as root:
+        st = Storage(root)
+        prov = create_provider("sample")
+        done = set()
+        for model_id in models:
+            cls = adapters.get_adapter_class(model_id)
+            spec = cls.spec
+            ckpt = cls.write_random_checkpoint(Path(root) / f"{model_id}.pt", seed=0)
+            ad = cls.from_checkpoint(ckpt, device=device, dtype=os.environ.get("RS_EMBED_DTYPE", "float32"))
+            months = _months(model_id, month)
+            for m in months:
+                if (spec.sensor, m) not in done:
+                    materialize_composite(st, prov, spec.sensor, tile, m)
+                    done.add((spec.sensor, m))
+            ckrec = {"sha256": "0" * 64, "random_init": True, "source_uri": "bench"}
+            settings = EmbeddingSettings()
+            materialize_embeddings(st, ad, tile, month, ckrec, settings)  # warm-up (and the chips)
+            # the same chips as preprocessed batches, for the bare forward
+            t = parse_tile_key(tile)
+            lat = chip_lattice(t, spec.chip_size)
+            readers = [st.open_composite(spec.sensor, tile, m) for m in months]
+            w = readers[0].record["window"]
+            bidx = [readers[0].bands.index(b) for b in spec.bands]
+            chips = []
+            for r, c in lat.positions():
+                y, x = r * spec.chip_size - w["y0"], c * spec.chip_size - w["x0"]
+                frames = [rd.rows(y, y + spec.chip_size, bidx)[0][:, :, x:x + spec.chip_size] for rd in readers]
+                chips.append(np.stack(frames) if spec.frames > 1 else frames[0])
+            raw = to_float32(np.stack(chips))
+            ctx = ad.tile_context(raw[0] if spec.frames > 1 else raw[0], bands=spec.bands) \
+                if type(ad).tile_context is not adapters.Adapter.tile_context else {}
+            bs = ad.batch_size()
+            kwargs = ad.forward_kwargs(raw[:1].shape, pixel_size_m=10.0)
+            batches = [ad.preprocess(raw[i:i + bs], bands=spec.bands, tile_context=ctx) for i in range(0, len(raw), bs)]
+            with FlopCounterMode(display=False) as fc:
+                ad.embed(batches[0][:1], **kwargs)
+            flops_per_chip = fc.get_total_flops()
+
+            def sync():
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+
+            bare, pipe = [], []
+            for _ in range(repeats):  # interleaved, so machine noise hits both alike
+                sync()
+                t0 = time.perf_counter()
+                for x in batches:
+                    ad.embed(x, **kwargs)
+                sync()
+                bare.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                materialize_embeddings(st, ad, tile, month, ckrec, settings)
+                sync()
+                pipe.append(time.perf_counter() - t0)
+            n = len(raw)
+            bare_cps, pipe_cps = n / min(bare), n / min(pipe)
+            row = {"model": model_id, "chips": n, "batch_size": bs, "flops_per_chip": flops_per_chip,
+                   "bare_chips_per_s": round(bare_cps, 2), "pipeline_chips_per_s": round(pipe_cps, 2),
+                   "pipeline_over_bare": round(pipe_cps / bare_cps, 3),
+                   "bare_seconds_all": [round(v, 3) for v in bare], "pipeline_seconds_all": [round(v, 3) for v in pipe]}
+            if peak_tflops:
+                row["mfu_bare"] = round(bare_cps * flops_per_chip / (peak_tflops * 1e12), 4)
+            out.append(row)
+            print(json.dumps(row), flush=True)
+            del ad, batches
+    return {"tile": tile, "month": month, "device": device, "dtype": os.environ.get("RS_EMBED_DTYPE", "float32"),
+            "peak_tflops": peak_tflops, "models": out}
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_worker":
+        kind, root, tile, month, what = sys.argv[2:7]
+        res = worker_composite(root, tile, month, what) if kind == "composite" else worker_embed(root, tile, month, what)
+        print(json.dumps(res))
+        return
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["memory", "host", "pipeline"])
+    ap.add_argument("--tile", default=None)
+    ap.add_argument("--month", default="2024-07")
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (e.g. 989 for H100 bf16)")
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    models = args.models.split(",")
+    if args.what in ("memory", "host"):
+        res = bench_steps(args.tile or ("31UFU" if args.what == "memory" else "31UFU-k4-r01-c01"), args.month, models)
+    else:
+        res = bench_pipeline(args.tile or "31UFU-k20-r11-c07", args.month, models, args.device, args.peak_tflops,
+                             args.repeats)
+    res["machine"] = machine()
+    RESULTS.mkdir(exist_ok=True)
+    dev = "cuda" if args.device.startswith("cuda") else "cpu"
+    path = RESULTS / f"partition_{args.what}_{dev}.json"
+    path.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
