@@ -164,6 +164,36 @@ def cmd_similar(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """COG of a composite (--sensor), an embedding grid (--model) or a change map (--model --change A B)."""
+    from .composite import parse_month
+    from .export import export_change, export_composite, export_grid
+    from .storage import Storage, StorageError
+
+    storage = Storage(args.data_root)
+    if bool(args.sensor) == bool(args.model):
+        raise ValueError("give exactly one of --sensor (a composite) or --model (an embedding grid)")
+    if bool(args.month) == bool(args.change):
+        raise ValueError("give --month YYYY-MM, or --change MONTH_A MONTH_B (with --model)")
+    try:
+        if args.change:
+            if not args.model:
+                raise ValueError("--change compares two months of an embedding grid: give --model")
+            a, b = (parse_month(m) for m in args.change)
+            out = export_change(storage, args.model, args.tile, a, b, args.output or f"{args.model}_{args.tile}_{a}_{b}_change.tif")
+        elif args.model:
+            month = parse_month(args.month)
+            out = export_grid(storage, args.model, args.tile, month, args.output or f"{args.model}_{args.tile}_{month}.tif")
+        else:
+            month = parse_month(args.month)
+            out = export_composite(storage, args.sensor, args.tile, month,
+                                   args.output or f"{args.sensor}_{args.tile}_{month}.tif")
+    except StorageError as exc:
+        raise ValueError(str(exc)) from None
+    print(out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     data_root_default = os.environ.get("RS_EMBED_ASSETS_DATA_ROOT", "data")
     p = argparse.ArgumentParser(prog="rs-embed-assets", description=__doc__)
@@ -204,6 +234,17 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--month", required=True, help="YYYY-MM")
     s.add_argument("-k", type=int, default=10)
     s.set_defaults(func=cmd_similar)
+
+    e = sub.add_parser("export", help="Cloud-Optimized GeoTIFF of a composite, an embedding grid or a change map")
+    e.add_argument("--data-root", default=data_root_default)
+    e.add_argument("--sensor", choices=["s2", "s1"], help="export this sensor's composite")
+    e.add_argument("--model", help="export this model's embedding grid (one band per feature)")
+    e.add_argument("--tile", required=True)
+    e.add_argument("--month", help="YYYY-MM or YYYY-MM-01")
+    e.add_argument("--change", nargs=2, metavar=("MONTH_A", "MONTH_B"),
+                   help="with --model: per-cell cosine distance between two months' grids")
+    e.add_argument("-o", "--output", help="output .tif (default: <product>_<tile>_<month>.tif here)")
+    e.set_defaults(func=cmd_export)
 
     args = p.parse_args(argv)
     try:
