@@ -180,10 +180,12 @@ def cmd_export(args) -> int:
             if not args.model:
                 raise ValueError("--change compares two months of an embedding grid: give --model")
             a, b = (parse_month(m) for m in args.change)
-            out = export_change(storage, args.model, args.tile, a, b, args.output or f"{args.model}_{args.tile}_{a}_{b}_change.tif")
+            out = export_change(storage, args.model, args.tile, a, b,
+                                args.output or f"{args.model}_{args.tile}_{a}_{b}_change.tif")
         elif args.model:
             month = parse_month(args.month)
-            out = export_grid(storage, args.model, args.tile, month, args.output or f"{args.model}_{args.tile}_{month}.tif")
+            out = export_grid(storage, args.model, args.tile, month,
+                              args.output or f"{args.model}_{args.tile}_{month}.tif")
         else:
             month = parse_month(args.month)
             out = export_composite(storage, args.sensor, args.tile, month,
