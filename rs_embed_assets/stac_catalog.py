@@ -198,15 +198,14 @@ def model_collection_fields(storage, model: str) -> tuple[dict[str, Any], dict[s
     """MLM fields describing ``model`` and its checkpoint asset (absolute href or the published URL)."""
     import adapters
 
-    spec = adapters.get_spec(model)
-    cls = adapters.get_adapter_class(model)
+    spec = adapters.get_spec(model)  # plain data: no torch import
     src = spec.checkpoint
     record_path = storage.checkpoint_record(spec.checkpoint_id)
     record = storage.read_json(record_path) if record_path.exists() else {}
     frames = [-1, spec.frames] if spec.frames > 1 else [-1]
     dim_in = ["batch", "time", "channel", "height", "width"] if spec.frames > 1 else ["batch", "channel", "height", "width"]
     fields = {
-        "mlm:name": model, "mlm:architecture": cls.__name__.removesuffix("Adapter"),
+        "mlm:name": model, "mlm:architecture": spec.description.split(":")[0].strip() or model,
         "mlm:tasks": ["similarity-search"], "mlm:framework": "pytorch",
         "mlm:pretrained": not record.get("random_init", False),  # demo weights are not a pretrained model
         "mlm:input": [{
@@ -276,13 +275,17 @@ def write_stac(storage) -> dict[str, Any]:
         items = sorted(by_collection[cid], key=lambda it: it["id"])
         extensions, extra = [], {}
         if cid.startswith("embeddings-"):
+            import adapters
+
             model = cid.removeprefix("embeddings-")
             fields, assets = model_collection_fields(storage, model)
             extensions = [EXTENSIONS["mlm"], EXTENSIONS["emb"]]
             extra = {**fields, "emb:type": "chip", "emb:dimensions": items[0]["assets"]["vectors"]["emb:dimensions"]}
             if assets:
                 extra["assets"] = assets
-            title, desc = f"{model} embeddings", f"Pooled chip vectors and embedding grids of {model} per tile-month."
+            about = adapters.get_spec(model).description
+            title = f"{model} embeddings"
+            desc = f"Pooled chip vectors and embedding grids of {model} per tile-month. {about}".strip()
         else:
             sensor = cid.removeprefix("composites-")
             title, desc = f"{sensor.upper()} monthly composites", f"Monthly {sensor.upper()} composites per tile."
