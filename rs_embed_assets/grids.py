@@ -69,7 +69,11 @@ def open_grids(model: str, data_root: str | os.PathLike | None = None, *, storag
             continue
         first = opened[0][1]
         shape = first["embedding"].shape
-        same = [(m, ds) for m, ds in opened if ds["embedding"].shape == shape]
+        odd = [m for m, ds in opened if ds["embedding"].shape != shape]
+        if odd:
+            raise ValueError(f"{model} grids of {tile} differ in shape across months ({opened[0][0]}: {shape}; "
+                             f"{', '.join(odd)} differ); re-materialise embeddings/{model} for those months")
+        same = opened
         stack = _MonthStack([ds["embedding"].variable for _, ds in same])
         month_index = np.array([np.datetime64(f"{parse_month(m)}-01", "ns") for m, _ in same])
         var = xr.Variable(("month", *first["embedding"].dims), indexing.LazilyIndexedArray(stack),
