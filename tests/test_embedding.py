@@ -122,3 +122,22 @@ def test_float16_grids_state_their_error(storage, adapter):
 def test_bad_batch_size_is_refused_with_the_fix():
     with pytest.raises(ValueError, match="RS_EMBED_BATCH_SIZE"):
         EmbeddingSettings(batch_size=-1)
+
+
+def test_progress_is_logged_by_time_not_per_batch(storage, adapter):
+    logs = []
+    materialize_embeddings(storage, adapter, KEY, "2024-07", CKPT, EmbeddingSettings(batch_size=1), log_fn=logs.append)
+    progress = [line for line in logs if "chips (" in line]
+    assert len(progress) <= 1, f"15 batches must not log 15 progress lines: {progress}"
+
+
+def test_grid_values_beyond_float16_are_refused_with_the_fix(storage):
+    from standin import standin_adapter
+
+    big = standin_adapter(64)
+    with __import__("torch").no_grad():
+        big.model.bias.fill_(1e6)
+    with pytest.raises(Exception, match="float16 range.*RS_EMBED_GRID_DTYPE=float32"):
+        materialize_embeddings(storage, big, KEY, "2024-07", CKPT, EmbeddingSettings(grid_dtype="float16"))
+    assert storage.read_manifest("standin64", KEY, "2024-07") is None  # nothing committed
+    assert not any(storage.staging_dir.iterdir())  # nothing left behind
