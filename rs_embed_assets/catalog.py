@@ -1,140 +1,539 @@
-"""The DuckDB catalog over the Parquet vectors and JSON manifests.
+"""The DuckDB catalog over the committed Parquet vectors and composite records.
 
 ``build_catalog`` (run by the single-writer ``catalog`` asset) creates in ``catalog.duckdb``:
 
-- ``vectors_<model>`` views and a ``vectors`` view over all models: one row per chip, with
-  ``embedding FLOAT[D]`` (cast from the Parquet fixed-size list) and ``geometry`` as GEOMETRY;
-- ``manifest`` table: per-partition provenance (checkpoint sha256, composite version,
-  preprocessing hash, code version, counts, timings), also for partitions with zero rows;
+- ``vectors_<model>`` views (one per enabled model, typed and empty until the model has rows) and a
+  ``vectors`` view over all models: one row per chip, ``embedding FLOAT[D]``, ``geometry GEOMETRY``;
+- ``manifest`` table: per-partition provenance read from each vectors file's footer (so it
+  describes exactly the committed partitions the views read), ``month`` a DATE;
 - ``composites`` table: per tile-month composite status, valid fraction, provider and version;
-- macros ``similar_chips(model, chip_id, month, k)``, ``nearest_to_vector(model, vec, k)``
-  and ``chip_timeseries(model, chip_id)``.
+- ``models`` table: the models of this deployment with their dimension and row counts;
+- ``catalog_info``: when and from which files it was built, and where the data root lies;
+- macros ``similar_chips(model, chip_id, month, k)``, ``nearest_to_vector(model, vec, k)``,
+  ``chip_timeseries(model, chip_id)``, ``chip_change(model, month_a, month_b)``; months are written
+  ``'2024-06'`` or ``'2024-06-01'`` (or a DATE); an unknown model, chip or month is an error.
 
-Readers open the file read-only (``connect_readonly``) so they never block the writer.
+Portable: the views name files relative to the data root, and readers resolve them there
+(``connect_readonly`` sets DuckDB's ``file_search_path`` to the root the catalog file belongs
+to), so a copied or moved root keeps working and glob characters in the root's name are never
+globbed.
+
+Crash-safe: one builder at a time per catalog (a lock file), each in a uniquely named temporary
+file; the file is checkpointed explicitly (a full disk fails here, not silently in ``close``),
+reopened read-only and verified against what was meant to be written, and only then renamed over
+the old catalog. Any failure raises and leaves the previous catalog untouched.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import errno
+import fcntl
+import json
+import os
 import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-import adapters
-
-from .embedding import vectors_schema
 from .storage import Storage
 
-
-def _files(root: Path, pattern: str) -> str | None:
-    """``root/pattern`` as a quoted SQL glob when it matches at least one file, else None."""
-    return str(root / pattern).replace("'", "''") if any(root.glob(pattern)) else None
+MANIFEST_KEY = b"rs_embed_assets"  # the partition manifest in each vectors file's Parquet footer
+CATALOG_FORMAT = 2
 
 
-def build_catalog(storage: Storage, db_path: Path | None = None) -> dict[str, Any]:
-    """(Re)create views, tables and macros in a new file that replaces ``db_path`` atomically."""
-    t0 = time.perf_counter()
-    db_path = Path(db_path) if db_path else storage.catalog_path
-    db_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = db_path.with_name(f".{db_path.name}.tmp")
-    if tmp.exists():
-        tmp.unlink()
-    con = duckdb.connect(str(tmp))
-    try:
-        counts: dict[str, int] = {}
-        views = []
-        for model in adapters.list_models():
-            vectors = _files(storage.root / "embeddings" / model / "vectors", "*/*.parquet")
-            if vectors is None:
+class CatalogError(RuntimeError):
+    """The catalog could not be built, verified or opened; the message names the fix."""
+
+
+# --- the storage layout, as the catalog sees it (one place to adapt) -----------------------------
+def vectors_files(storage: Storage, model: str) -> list[Path]:
+    """Committed vectors files of ``model``, sorted: every ``.parquet`` one level below ``vectors/``.
+
+    Temporary writes live elsewhere (``.staging/``) or under hidden names, which are skipped.
+    """
+    base = storage.root / "embeddings" / model / "vectors"
+    return sorted(p for p in base.glob("*/*.parquet") if not p.name.startswith(".") and p.is_file())
+
+
+def _legacy_parts(path: Path) -> tuple[str, str]:
+    month = path.parent.name.removeprefix("month=")
+    tile = path.stem.removeprefix("tile=")
+    return tile, month
+
+
+def partition_manifest(storage: Storage, model: str, path: Path) -> dict[str, Any]:
+    """The manifest committed with one vectors file (its Parquet footer; a legacy JSON sidecar)."""
+    meta = pq.read_schema(path).metadata or {}
+    rec: dict[str, Any] = {}
+    tile, month = _legacy_parts(path)
+    legacy = storage.root / "embeddings" / model / "manifest" / f"month={month}" / f"tile={tile}.json"
+    if legacy.is_file():  # the layout before the footer held the whole manifest
+        rec.update(json.loads(legacy.read_text()))
+    if MANIFEST_KEY in meta:
+        rec.update(json.loads(meta[MANIFEST_KEY]))
+    return rec or {"model": model, "tile": tile, "month": month}
+
+
+def composite_records(storage: Storage) -> list[dict[str, Any]]:
+    """Committed composite records: ``composites/<sensor>/<tile>/<YYYY-MM>.json`` (or the legacy manifests)."""
+    base = storage.root / "composites"
+    out = []
+    for pattern in ("*/*/*.json", "*/_manifest/*/*.json"):
+        for p in sorted(base.glob(pattern)):
+            if p.name.startswith(".") or not p.is_file():
                 continue
-            dim = adapters.get_spec(model).embed_dim
-            con.execute(f"""
-                CREATE VIEW vectors_{model} AS
-                SELECT * REPLACE (embedding::FLOAT[{dim}] AS embedding, geometry::GEOMETRY AS geometry)
-                FROM read_parquet('{vectors}', hive_partitioning=false)""")
+            rec = json.loads(p.read_text())
+            rec.setdefault("sensor", p.relative_to(base).parts[0])
+            out.append(rec)
+    return out
+
+
+# --- months ---------------------------------------------------------------------------------------
+def parse_month(value: str | dt.date) -> dt.date:
+    """'2024-06', '2024-06-01' or a date → the first day of that month; anything else is an error."""
+    if isinstance(value, dt.date):
+        if value.day != 1:
+            raise ValueError(f"month {value} is not the first day of a month; write {value:%Y-%m}")
+        return dt.date(value.year, value.month, 1)
+    s = str(value).strip()
+    try:
+        if len(s) == 7:
+            return dt.datetime.strptime(s, "%Y-%m").date()
+        if len(s) == 10 and s.endswith("-01"):
+            return dt.datetime.strptime(s, "%Y-%m-%d").date()
+    except ValueError:
+        pass
+    raise ValueError(f"invalid month {value!r}: write YYYY-MM (e.g. 2024-06) or YYYY-MM-01")
+
+
+def _month_date(value: Any) -> dt.date | None:
+    if value in (None, ""):
+        return None
+    try:
+        return parse_month(str(value)[:7])
+    except ValueError:
+        return None
+
+
+# --- building -------------------------------------------------------------------------------------
+MANIFEST_SCHEMA = pa.schema([
+    ("model", pa.string()), ("tile", pa.string()), ("month", pa.date32()), ("rows", pa.int64()),
+    ("file_rows", pa.int64()), ("checkpoint_sha256", pa.string()), ("checkpoint_random_init", pa.bool_()),
+    ("checkpoint_source", pa.string()), ("composite_version", pa.string()), ("preprocessing_hash", pa.string()),
+    ("code_version", pa.string()), ("provider", pa.string()), ("synthetic", pa.bool_()), ("device", pa.string()),
+    ("dtype", pa.string()), ("chips_total", pa.int64()), ("chips_embedded", pa.int64()),
+    ("chips_skipped", pa.int64()), ("seconds", pa.float64()), ("chips_per_s", pa.float64()),
+    ("frame_months", pa.list_(pa.date32())), ("distinct_frames", pa.int64()), ("vectors_path", pa.string()),
+    ("grid_path", pa.string()), ("manifest", pa.string()),
+])
+
+COMPOSITES_SCHEMA = pa.schema([
+    ("sensor", pa.string()), ("tile", pa.string()), ("month", pa.date32()), ("status", pa.string()),
+    ("valid_fraction", pa.float64()), ("scene_count", pa.int64()), ("provider", pa.string()),
+    ("synthetic", pa.bool_()), ("data_version", pa.string()), ("path", pa.string()),
+])
+
+
+def _rel(storage: Storage, p: str | Path | None) -> str | None:
+    """A path as stored in the catalog: relative to the data root when it lies inside it."""
+    if p in (None, ""):
+        return None
+    path = Path(p)
+    if not path.is_absolute():
+        return path.as_posix()
+    try:
+        return path.relative_to(storage.root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _coerce(value: Any, typ: pa.DataType) -> Any:
+    if value is None:
+        return None
+    try:
+        if pa.types.is_date32(typ):
+            return _month_date(value)
+        if pa.types.is_list(typ):
+            return [_month_date(v) for v in value] if isinstance(value, (list, tuple)) else None
+        if pa.types.is_boolean(typ):
+            return bool(value)
+        if pa.types.is_integer(typ):
+            return int(value)
+        if pa.types.is_floating(typ):
+            return float(value)
+        return value if isinstance(value, str) else json.dumps(value, default=str)
+    except (TypeError, ValueError):
+        return None
+
+
+def _table(records: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    cols = {f.name: [_coerce(r.get(f.name), f.type) for r in records] for f in schema}
+    return pa.table(cols, schema=schema)
+
+
+@dataclass
+class CatalogPlan:
+    """What a build will write, gathered from the committed files before DuckDB is touched."""
+
+    models: dict[str, int]                                # model → embedding dimension
+    files: dict[str, list[str]] = field(default_factory=dict)   # model → vectors files relative to the root
+    rows: dict[str, int] = field(default_factory=dict)          # model → rows in its files (Parquet footers)
+    manifest: list[dict[str, Any]] = field(default_factory=list)
+    composites: list[dict[str, Any]] = field(default_factory=list)
+
+
+def plan_catalog(storage: Storage, models: list[str] | None = None) -> CatalogPlan:
+    import adapters
+
+    from .settings import enabled_models
+
+    wanted = list(models) if models is not None else enabled_models()
+    # models that are no longer enabled but still have data stay queryable
+    present = [m for m in adapters.list_models() if m not in wanted and vectors_files(storage, m)]
+    plan = CatalogPlan(models={m: adapters.get_spec(m).embed_dim for m in wanted + present})
+    for model in plan.models:
+        files = vectors_files(storage, model)
+        plan.files[model] = [f.relative_to(storage.root).as_posix() for f in files]
+        total = 0
+        for f in files:
+            try:
+                n = pq.ParquetFile(f).metadata.num_rows
+                rec = dict(partition_manifest(storage, model, f))
+            except (pa.ArrowException, OSError, ValueError) as exc:
+                raise CatalogError(f"{f} is not a readable vectors file ({exc}); re-materialise that partition "
+                                   "(or remove it) and rebuild the catalog; the previous catalog is unchanged") from exc
+            total += n
+            tile, month = _legacy_parts(f)
+            rec.setdefault("model", model)
+            rec.setdefault("tile", tile)
+            rec.setdefault("month", month)
+            rec["file_rows"] = n
+            rec["manifest"] = json.dumps(rec, sort_keys=True, default=str)
+            rec["vectors_path"] = f.relative_to(storage.root).as_posix()
+            rec["grid_path"] = _rel(storage, rec.get("grid_path"))
+            plan.manifest.append(rec)
+        plan.rows[model] = total
+    for rec in composite_records(storage):
+        rec = dict(rec)
+        rec["path"] = _rel(storage, rec.get("path"))
+        plan.composites.append(rec)
+    return plan
+
+
+def _sql_str(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+def _vectors_view_sql(model: str, dim: int, files: list[str]) -> str:
+    cast = f"embedding::FLOAT[{dim}] AS embedding, geometry::GEOMETRY AS geometry"
+    if files:
+        listing = ", ".join(_sql_str(f) for f in files)
+        src = f"read_parquet([{listing}], hive_partitioning=false)"
+    else:  # typed and empty: the view exists (and README queries bind) before the model has rows
+        src = f"_empty_vectors_{dim}"
+    return f"CREATE VIEW vectors_{model} AS SELECT * REPLACE ({cast}) FROM {src}"
+
+
+MACROS = [
+    # months: '2024-06', '2024-06-01' or a DATE; anything else is an error that says how to write it
+    r"""CREATE MACRO rs_month(x) AS (CASE
+        WHEN regexp_full_match(x::VARCHAR, '\d{4}-(0[1-9]|1[0-2])') THEN (x::VARCHAR || '-01')::DATE
+        WHEN regexp_full_match(x::VARCHAR, '\d{4}-(0[1-9]|1[0-2])-01') THEN x::VARCHAR::DATE
+        ELSE error('invalid month ''' || coalesce(x::VARCHAR, 'NULL')
+                   || ''': write YYYY-MM (e.g. 2024-06) or YYYY-MM-01') END)""",
+    """CREATE MACRO rs_model(m) AS (CASE WHEN m IN (SELECT model FROM models) THEN true
+        ELSE error('unknown model ''' || coalesce(m::VARCHAR, 'NULL') || '''; this catalog has: '
+                   || (SELECT string_agg(model, ', ' ORDER BY model) FROM models)) END)""",
+    """CREATE MACRO similar_chips(m, query_chip, query_month, k) AS TABLE
+        WITH q AS (SELECT month, embedding FROM vectors WHERE model = m AND chip_id = query_chip),
+        qv AS (SELECT CASE
+            WHEN NOT rs_model(m) THEN NULL
+            WHEN k < 1 THEN error('k must be at least 1, got ' || k)
+            WHEN count(*) = 0 THEN error('unknown chip ''' || query_chip || ''' for model ' || m
+                                         || ': it has no vectors in any month')
+            WHEN count(*) FILTER (month = rs_month(query_month)) = 0 THEN error(
+                'chip ''' || query_chip || ''' has no ' || m || ' vector in ' || strftime(rs_month(query_month), '%Y-%m')
+                || '; it has: ' || string_agg(strftime(month, '%Y-%m'), ', ' ORDER BY month))
+            ELSE first(embedding) FILTER (month = rs_month(query_month)) END AS embedding FROM q)
+        SELECT v.chip_id, v.tile, v.month, v.center_lon, v.center_lat, v.valid_fraction,
+               list_cosine_similarity(v.embedding, qv.embedding) AS similarity
+        FROM vectors v, qv
+        WHERE v.model = m AND NOT (v.chip_id = query_chip AND v.month = rs_month(query_month))
+        ORDER BY similarity DESC, v.chip_id, v.month LIMIT greatest(k, 1)""",
+    """CREATE MACRO nearest_to_vector(m, vec, k) AS TABLE
+        WITH qv AS (SELECT CASE
+            WHEN NOT rs_model(m) THEN NULL
+            WHEN len(vec) != (SELECT embed_dim FROM models WHERE model = m) THEN error(
+                'the query vector has ' || len(vec) || ' values; ' || m || ' vectors have '
+                || (SELECT embed_dim FROM models WHERE model = m))
+            WHEN k < 1 THEN error('k must be at least 1, got ' || k)
+            ELSE vec::FLOAT[] END AS embedding)
+        SELECT v.chip_id, v.tile, v.month, v.center_lon, v.center_lat,
+               list_cosine_similarity(v.embedding, qv.embedding) AS similarity
+        FROM vectors v, qv WHERE v.model = m ORDER BY similarity DESC, v.chip_id, v.month LIMIT greatest(k, 1)""",
+    """CREATE MACRO chip_timeseries(m, query_chip) AS TABLE
+        WITH s AS (SELECT month, valid_fraction, embedding FROM vectors
+                   WHERE model = m AND chip_id = query_chip),
+        ok AS (SELECT CASE WHEN NOT rs_model(m) THEN NULL WHEN count(*) = 0 THEN error('unknown chip ''' || query_chip || ''' for model ' || m
+                                                        || ': it has no vectors in any month')
+                           ELSE true END AS ok FROM s)
+        SELECT s.month, s.valid_fraction, s.embedding FROM s, ok WHERE ok.ok ORDER BY s.month""",
+    # month-over-month change per chip: 1 - cosine similarity of the chip's two vectors
+    """CREATE MACRO chip_change(m, month_a, month_b) AS TABLE
+        WITH a AS (SELECT * FROM vectors WHERE model = m AND month = rs_month(month_a)),
+        b AS (SELECT chip_id, valid_fraction, embedding FROM vectors WHERE model = m AND month = rs_month(month_b)),
+        ok AS (SELECT CASE
+            WHEN NOT rs_model(m) THEN NULL
+            WHEN (SELECT count(*) FROM a) = 0 THEN error(m || ' has no vectors in ' || strftime(rs_month(month_a), '%Y-%m'))
+            WHEN (SELECT count(*) FROM b) = 0 THEN error(m || ' has no vectors in ' || strftime(rs_month(month_b), '%Y-%m'))
+            ELSE true END AS ok)
+        SELECT a.chip_id, a.tile, a.chip_row, a.chip_col, a.center_lon, a.center_lat, a.geometry,
+               a.valid_fraction AS valid_fraction_a, b.valid_fraction AS valid_fraction_b,
+               list_cosine_similarity(a.embedding, b.embedding) AS similarity,
+               1 - list_cosine_similarity(a.embedding, b.embedding) AS change
+        FROM a JOIN b USING (chip_id), ok WHERE ok.ok
+        ORDER BY change DESC, a.chip_id""",
+]
+
+
+def _populate(con: duckdb.DuckDBPyConnection, storage: Storage, plan: CatalogPlan, db_path: Path) -> None:
+    from .embedding import vectors_schema
+
+    for dim in sorted(set(plan.models.values())):
+        con.register("_schema", vectors_schema(dim).empty_table())
+        con.execute(f"CREATE TABLE _empty_vectors_{dim} AS SELECT * FROM _schema")
+        con.unregister("_schema")
+    for model, dim in plan.models.items():
+        con.execute(_vectors_view_sql(model, dim, plan.files[model]))
+    con.execute("CREATE VIEW vectors AS " + " UNION ALL BY NAME ".join(
+        f"SELECT * REPLACE (embedding::FLOAT[] AS embedding) FROM vectors_{m}" for m in plan.models))
+
+    for name, rows, schema in (("manifest", plan.manifest, MANIFEST_SCHEMA),
+                               ("composites", plan.composites, COMPOSITES_SCHEMA)):
+        con.register("_t", _table(rows, schema))
+        con.execute(f"CREATE TABLE {name} AS SELECT * REPLACE (manifest::JSON AS manifest) FROM _t"
+                    if name == "manifest" else f"CREATE TABLE {name} AS SELECT * FROM _t")
+        con.unregister("_t")
+    models = pa.table({
+        "model": list(plan.models), "embed_dim": [plan.models[m] for m in plan.models],
+        "rows": [plan.rows[m] for m in plan.models], "partitions": [len(plan.files[m]) for m in plan.models],
+    })
+    con.register("_t", models)
+    con.execute("CREATE TABLE models AS SELECT * FROM _t")
+    con.unregister("_t")
+    root_rel = os.path.relpath(storage.root, db_path.parent)
+    con.execute("CREATE TABLE catalog_info AS SELECT ? AS format, ? AS data_root, now() AS built_at, ? AS fingerprint",
+                [CATALOG_FORMAT, Path(root_rel).as_posix(), fingerprint(storage, plan)])
+    for sql in MACROS:
+        con.execute(sql)
+
+
+def fingerprint(storage: Storage, plan: CatalogPlan) -> str:
+    """A digest of the committed files the catalog describes (path, size, mtime): changes when any partition does."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for model in sorted(plan.files):
+        for rel in plan.files[model]:
+            st = (storage.root / rel).stat()
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    for rec in plan.composites:
+        h.update(json.dumps([rec.get("sensor"), rec.get("tile"), str(rec.get("month")), rec.get("data_version")]).encode())
+    return h.hexdigest()[:16]
+
+
+def verify_catalog(con: duckdb.DuckDBPyConnection, plan: CatalogPlan) -> dict[str, int]:
+    """Check a freshly written catalog answers what it was built to hold; raises CatalogError otherwise."""
+    problems = []
+    counts: dict[str, int] = {}
+    for model in plan.models:
+        try:
             counts[model] = con.execute(f"SELECT count(*) FROM vectors_{model}").fetchone()[0]
-            views.append(model)
-        union = " UNION ALL BY NAME ".join(
-            f"SELECT * REPLACE (embedding::FLOAT[] AS embedding) FROM vectors_{m}" for m in views)
-        if union:
-            con.execute(f"CREATE VIEW vectors AS {union}")
-        else:  # before the first embeddings: an empty table with the vectors schema keeps views and macros valid
-            con.register("_no_vectors", vectors_schema(1).empty_table())
-            con.execute("CREATE TABLE vectors AS SELECT * REPLACE (embedding::FLOAT[] AS embedding, "
-                        "geometry::GEOMETRY AS geometry) FROM _no_vectors")
-            con.unregister("_no_vectors")
+        except duckdb.Error as exc:
+            problems.append(f"view vectors_{model} does not answer: {exc}")
+            continue
+        if counts[model] != plan.rows[model]:
+            problems.append(f"vectors_{model} has {counts[model]} rows, its files hold {plan.rows[model]}")
+    checks = {"manifest": len(plan.manifest), "composites": len(plan.composites), "models": len(plan.models)}
+    for table, expected in checks.items():
+        try:
+            got = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+        except duckdb.Error as exc:
+            problems.append(f"table {table} is missing: {exc}")
+            continue
+        if got != expected:
+            problems.append(f"table {table} has {got} rows, expected {expected}")
+    macros = {r[0] for r in con.execute("SELECT DISTINCT function_name FROM duckdb_functions() "
+                                        "WHERE database_name = current_database() AND NOT internal").fetchall()}
+    missing = {"similar_chips", "nearest_to_vector", "chip_timeseries", "chip_change", "rs_month",
+               "rs_model"} - macros
+    if missing:
+        problems.append(f"macros missing: {sorted(missing)}")
+    if problems:
+        raise CatalogError("the new catalog failed verification: " + "; ".join(problems))
+    return counts
 
-        manifests = _files(storage.root / "embeddings", "*/vectors/*/*.parquet")
-        if manifests:  # the manifest of each committed partition lives in its vectors file's footer
-            con.execute(f"""
-                CREATE TABLE manifest AS
-                WITH kv AS (SELECT decode(value) AS j FROM parquet_kv_metadata('{manifests}')
-                            WHERE decode(key) = 'rs_embed_assets')
-                SELECT j->>'model' AS model, j->>'tile' AS tile, j->>'month' AS month, (j->>'rows')::BIGINT AS rows,
-                       j->>'checkpoint_sha256' AS checkpoint_sha256,
-                       (j->>'checkpoint_random_init')::BOOLEAN AS checkpoint_random_init,
-                       j->>'checkpoint_source' AS checkpoint_source, j->>'composite_version' AS composite_version,
-                       j->>'preprocessing_hash' AS preprocessing_hash, j->>'code_version' AS code_version,
-                       j->>'provider' AS provider, (j->>'synthetic')::BOOLEAN AS synthetic, j->>'device' AS device,
-                       j->>'dtype' AS dtype, (j->>'chips_total')::BIGINT AS chips_total,
-                       (j->>'chips_embedded')::BIGINT AS chips_embedded, (j->>'chips_skipped')::BIGINT AS chips_skipped,
-                       (j->>'seconds')::DOUBLE AS seconds, (j->>'chips_per_s')::DOUBLE AS chips_per_s,
-                       (j->'frame_months')::VARCHAR[] AS frame_months, (j->>'distinct_frames')::INTEGER AS distinct_frames,
-                       j->>'vectors_path' AS vectors_path, j->>'grid_path' AS grid_path
-                FROM kv""")
-        else:
-            con.execute("CREATE TABLE manifest (model VARCHAR, tile VARCHAR, month VARCHAR, rows BIGINT)")
-        composites = _files(storage.root / "composites", "*/*/*.json")
-        if composites:
-            con.execute(f"""
-                CREATE TABLE composites AS
-                SELECT sensor, tile, month::VARCHAR AS month, status, valid_fraction, scene_count, provider,
-                       synthetic, data_version, store AS path
-                FROM read_json_auto('{composites}', union_by_name=true)""")
-        else:
-            con.execute("CREATE TABLE composites (sensor VARCHAR, tile VARCHAR, month VARCHAR, status VARCHAR)")
 
-        con.execute("""
-            CREATE MACRO similar_chips(m, query_chip, query_month, k) AS TABLE
-            WITH q AS (SELECT embedding FROM vectors
-                       WHERE model = m AND chip_id = query_chip AND month = query_month::DATE LIMIT 1)
-            SELECT v.chip_id, v.tile, v.month, v.center_lon, v.center_lat, v.valid_fraction,
-                   list_cosine_similarity(v.embedding, q.embedding) AS similarity
-            FROM vectors v, q
-            WHERE v.model = m AND NOT (v.chip_id = query_chip AND v.month = query_month::DATE)
-            ORDER BY similarity DESC LIMIT k""")
-        con.execute("""
-            CREATE MACRO nearest_to_vector(m, vec, k) AS TABLE
-            SELECT v.chip_id, v.tile, v.month, v.center_lon, v.center_lat,
-                   list_cosine_similarity(v.embedding, vec::FLOAT[]) AS similarity
-            FROM vectors v WHERE v.model = m ORDER BY similarity DESC LIMIT k""")
-        con.execute("""
-            CREATE MACRO chip_timeseries(m, query_chip) AS TABLE
-            SELECT month, valid_fraction, embedding FROM vectors
-            WHERE model = m AND chip_id = query_chip ORDER BY month""")
-        n_manifest = con.execute("SELECT count(*) FROM manifest").fetchone()[0]
-        n_composites = con.execute("SELECT count(*) FROM composites").fetchone()[0]
-    finally:
-        con.close()
-    # the catalog only holds views/macros/small tables: rebuilding and swapping it is atomic and cheap
-    tmp.replace(db_path)
-    wal = tmp.with_name(tmp.name + ".wal")
-    if wal.exists():
-        wal.unlink()
-    return {"rows_per_model": counts, "models": views, "manifest_rows": n_manifest,
-            "composite_rows": n_composites, "seconds": round(time.perf_counter() - t0, 3),
+@contextmanager
+def builder_lock(db_path: Path, timeout_s: float = 600.0) -> Iterator[None]:
+    """One builder per catalog file at a time (an advisory lock beside it); others wait their turn."""
+    lock = db_path.with_name(f".{db_path.name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as fh:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise CatalogError(f"another process has been building {db_path} for over {timeout_s:.0f} s "
+                                       f"(lock {lock}); wait for it or end it") from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _staging_dir(storage: Storage, db_path: Path) -> Path:
+    # same filesystem as the target, so the final rename is atomic
+    return storage.root / ".staging" if db_path.parent == storage.root else db_path.parent
+
+
+def _remove(path: Path) -> None:
+    for p in (path, path.with_name(path.name + ".wal")):
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def build_catalog(storage: Storage, db_path: Path | None = None, *, models: list[str] | None = None,
+                  lock_timeout_s: float = 600.0) -> dict[str, Any]:
+    """(Re)create the catalog in a new file, verify it, then atomically replace ``db_path``.
+
+    Raises CatalogError (the old catalog stays as it was) when anything fails, a full disk included.
+    """
+    t0 = time.perf_counter()
+    db_path = Path(db_path).expanduser().resolve() if db_path else storage.catalog_path
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    _check_root_name(storage.root)
+    with builder_lock(db_path, lock_timeout_s):
+        plan = plan_catalog(storage, models)
+        staging = _staging_dir(storage, db_path)
+        staging.mkdir(parents=True, exist_ok=True)
+        tmp = staging / f"{db_path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            con = duckdb.connect(str(tmp))
+            try:
+                con.execute(f"SET file_search_path = {_sql_str(str(storage.root))}")
+                _populate(con, storage, plan, db_path)
+                con.execute("CHECKPOINT")  # a full disk fails here, loudly, instead of inside close()
+            finally:
+                con.close()
+            with _open_readonly(tmp, storage.root) as check:
+                counts = verify_catalog(check, plan)
+            _fsync(tmp)
+            os.replace(tmp, db_path)
+            _fsync(db_path.parent)
+        except (duckdb.Error, OSError, CatalogError) as exc:
+            _remove(tmp)
+            if isinstance(exc, CatalogError):
+                raise
+            hint = (" (the disk is full: free space on that filesystem)"
+                    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC or "space" in str(exc).lower() else "")
+            raise CatalogError(f"rebuilding {db_path} failed{hint}: {exc}; the previous catalog is unchanged") from exc
+        except BaseException:
+            _remove(tmp)
+            raise
+    return {"rows_per_model": counts, "models": list(plan.models), "manifest_rows": len(plan.manifest),
+            "composite_rows": len(plan.composites), "partitions": {m: len(f) for m, f in plan.files.items()},
+            "fingerprint": fingerprint(storage, plan), "seconds": round(time.perf_counter() - t0, 3),
             "path": str(db_path)}
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _check_root_name(root: Path) -> None:
+    # DuckDB's file_search_path is a comma-separated list, and DuckDB reads '?' in a database path as
+    # the start of URL parameters (it then writes the WAL elsewhere); '[', '*' and the like are fine
+    bad = sorted({c for c in ",?" if c in str(root)})
+    if bad:
+        raise CatalogError(f"the data root {root} contains {' and '.join(repr(c) for c in bad)}, which DuckDB cannot "
+                           "use in a database or search path; rename the directory")
+
+
+# --- reading --------------------------------------------------------------------------------------
+def _open_readonly(path: Path, root: Path) -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect(str(path), read_only=True)
+    con.execute(f"SET file_search_path = {_sql_str(str(root))}")
+    return con
+
+
+def catalog_root(con: duckdb.DuckDBPyConnection, db_path: Path) -> Path:
+    """The data root of an open catalog: recorded relative to the catalog file's directory."""
+    try:
+        rel = con.execute("SELECT data_root FROM catalog_info").fetchone()[0]
+    except duckdb.Error as exc:
+        raise CatalogError(f"{db_path} is not a catalog of this version (no catalog_info); rebuild it by "
+                           "materialising the `catalog` asset") from exc
+    return (db_path.parent / rel).resolve()
+
+
 def connect_readonly(path: str | Path) -> duckdb.DuckDBPyConnection:
-    path = Path(path)
+    """Open a catalog read-only, its relative file paths resolved against the data root it belongs to."""
+    path = Path(path).expanduser().resolve()
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; materialise the `catalog` asset first")
-    return duckdb.connect(str(path), read_only=True)
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        root = catalog_root(con, path)
+        _check_root_name(root)
+        con.execute(f"SET file_search_path = {_sql_str(str(root))}")
+    except BaseException:
+        con.close()
+        raise
+    return con
 
 
 def similar_chips(path: str | Path, model: str, chip_id: str, month: str, k: int = 5) -> list[tuple]:
+    """Exact top-k by cosine similarity through the SQL macro; unknown model, chip or month raise ValueError."""
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    month_s = parse_month(month).isoformat()
     with connect_readonly(path) as con:
-        return con.execute("SELECT * FROM similar_chips(?, ?, ?, ?)", [model, chip_id, f"{month}-01", k]).fetchall()
+        try:
+            return con.execute("SELECT * FROM similar_chips(?, ?, ?, ?)", [model, chip_id, month_s, k]).fetchall()
+        except duckdb.InvalidInputException as exc:
+            raise ValueError(str(exc).removeprefix("Invalid Input Error: ")) from None
 
+
+def catalog_status(storage: Storage, db_path: Path | None = None, models: list[str] | None = None) -> dict[str, Any]:
+    """Whether the catalog describes the committed files as they are now (``current``) or lags (``stale``)."""
+    db_path = Path(db_path) if db_path else storage.catalog_path
+    plan = plan_catalog(storage, models)
+    now = fingerprint(storage, plan)
+    if not db_path.exists():
+        return {"current": False, "reason": "no catalog yet", "fingerprint": now}
+    with connect_readonly(db_path) as con:
+        built = con.execute("SELECT fingerprint FROM catalog_info").fetchone()[0]
+        views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
+    missing = [m for m in plan.models if f"vectors_{m}" not in views]
+    current = built == now and not missing
+    reason = ("up to date" if current else
+              f"models without a view: {missing}" if missing else "partitions changed since the catalog was built")
+    return {"current": current, "reason": reason, "fingerprint": now, "built_fingerprint": built}

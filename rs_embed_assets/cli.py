@@ -155,11 +155,15 @@ def cmd_models(args) -> int:
 
 
 def cmd_similar(args) -> int:
-    from .catalog import similar_chips
+    from .catalog import CatalogError, similar_chips
     from .storage import Storage
 
     db = Storage(args.data_root).catalog_path
-    for row in similar_chips(db, args.model, args.chip, args.month, args.k):
+    try:
+        rows = similar_chips(db, args.model, args.chip, args.month, args.k)
+    except CatalogError as exc:
+        raise ValueError(str(exc)) from None
+    for row in rows:
         print(*row, sep="\t")
     return 0
 
@@ -233,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--data-root", default=data_root_default)
     s.add_argument("--model", default="fomo")
     s.add_argument("--chip", required=True)
-    s.add_argument("--month", required=True, help="YYYY-MM")
+    s.add_argument("--month", required=True, help="YYYY-MM or YYYY-MM-01")
     s.add_argument("-k", type=int, default=10)
     s.set_defaults(func=cmd_similar)
 

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from .assets.catalog import catalog
+from .assets.catalog import catalog, catalog_current
 from .assets.checkpoints import checkpoint_assets
 from .assets.composites import composite_assets
 from .assets.embeddings import embedding_assets
@@ -19,6 +19,7 @@ embed_job = dg.define_asset_job(
 
 defs = dg.Definitions(
     assets=[*checkpoint_assets, *composite_assets, *embedding_assets, catalog],
+    asset_checks=[catalog_current],
     jobs=[embed_job],
     sensors=[aoi_tiles_sensor, monthly_automation],
     resources=default_resources(),

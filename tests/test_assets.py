@@ -10,6 +10,7 @@ import pytest
 
 from adapters import CheckpointError
 from rs_embed_assets.assets.catalog import catalog
+from rs_embed_assets.catalog import connect_readonly
 from rs_embed_assets.assets.checkpoints import build_checkpoint_asset
 from rs_embed_assets.assets.composites import composite_assets
 from rs_embed_assets.assets.embeddings import build_embedding_asset
@@ -92,7 +93,7 @@ def test_graph_materialises_and_catalog_answers_sql(env):
     ckpt_event = instance.get_latest_materialization_event(CKPT)
     assert ckpt_event.asset_materialization.metadata["random_init"].value is True
 
-    with duckdb.connect(str(storage.catalog_path), read_only=True) as con:
+    with connect_readonly(storage.catalog_path) as con:
         assert con.execute("SELECT count(*) FROM vectors_fomo").fetchone()[0] == 72
         assert con.execute("SELECT typeof(embedding) FROM vectors_fomo LIMIT 1").fetchone()[0] == "FLOAT[768]"
         chip, month = con.execute("SELECT chip_id, month FROM vectors ORDER BY chip_id, month LIMIT 1").fetchone()
@@ -128,7 +129,7 @@ def test_rematerialising_replaces_and_never_duplicates(env):
             assert len(list(storage.grid_versions_dir("fomo", tile, month).iterdir())) == 1
             assert len(list(storage.composite_versions_dir("s2", tile, month).iterdir())) == 1
     assert not any(storage.staging_dir.iterdir())
-    with duckdb.connect(str(storage.catalog_path), read_only=True) as con:
+    with connect_readonly(storage.catalog_path) as con:
         assert con.execute("SELECT count(*), count(DISTINCT (chip_id, month)) FROM vectors").fetchone() == (72, 72)
 
 
@@ -287,7 +288,8 @@ def test_catalog_builds_before_any_embeddings_exist(tmp_path):
     from rs_embed_assets.catalog import build_catalog
 
     summary = build_catalog(Storage(tmp_path / "empty"))
-    assert summary["rows_per_model"] == {}
-    with duckdb.connect(summary["path"], read_only=True) as con:
-        assert con.execute("SELECT * FROM similar_chips('fomo', 'x', '2024-01-01', 5)").fetchall() == []
+    assert summary["rows_per_model"] and set(summary["rows_per_model"].values()) == {0}  # every view, empty
+    with connect_readonly(summary["path"]) as con:
+        with pytest.raises(duckdb.InvalidInputException, match="unknown chip 'x'"):
+            con.execute("SELECT * FROM similar_chips('fomo', 'x', '2024-01-01', 5)").fetchall()
         assert con.execute("SELECT count(*) FROM manifest").fetchone()[0] == 0

@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import duckdb
 import pytest
 import requests
 
@@ -132,7 +131,9 @@ def test_ui_backfill_materialises_partitions_and_catalog(dagster_dev):
         assert (data / "composites" / "s1" / tile / f"{month}.zarr").is_dir()
         assert (data / "embeddings" / "fomo" / "vectors" / f"month={month}" / f"tile={tile}.parquet").is_file()
         assert (data / "embeddings" / "fomo" / "grid" / tile / f"{month}.zarr").is_dir()
-    with duckdb.connect(str(data / "catalog.duckdb"), read_only=True) as con:
+    from rs_embed_assets.catalog import connect_readonly
+
+    with connect_readonly(data / "catalog.duckdb") as con:
         assert con.execute("SELECT count(*), count(DISTINCT tile), count(DISTINCT month) FROM vectors_fomo"
                            ).fetchone() == (64, 2, 2)
         assert con.execute("SELECT count(*) FROM manifest WHERE checkpoint_random_init").fetchone()[0] == 4
