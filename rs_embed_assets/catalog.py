@@ -42,6 +42,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .faults import fault_point
 from .storage import Storage
 
 MANIFEST_KEY = b"rs_embed_assets"  # the partition manifest in each vectors file's Parquet footer
@@ -430,6 +431,8 @@ def build_catalog(storage: Storage, db_path: Path | None = None, *, models: list
         plan = plan_catalog(storage, models)
         staging = _staging_dir(storage, db_path)
         staging.mkdir(parents=True, exist_ok=True)
+        for stale in staging.glob(f"{db_path.name}.*.tmp*"):  # left by a killed builder (we hold the lock)
+            stale.unlink(missing_ok=True)
         tmp = staging / f"{db_path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
         try:
             con = duckdb.connect(str(tmp))
@@ -442,8 +445,10 @@ def build_catalog(storage: Storage, db_path: Path | None = None, *, models: list
             with _open_readonly(tmp, storage.root) as check:
                 counts = verify_catalog(check, plan)
             _fsync(tmp)
+            fault_point("catalog:before")
             os.replace(tmp, db_path)
             _fsync(db_path.parent)
+            fault_point("catalog:after")
         except (duckdb.Error, OSError, CatalogError) as exc:
             _remove(tmp)
             if isinstance(exc, CatalogError):

@@ -294,3 +294,18 @@ def test_similar_cli_bad_input_exits_non_zero_with_a_message(root, capsys, args,
     assert main(argv) == 2
     captured = capsys.readouterr()
     assert message in captured.err and "Traceback" not in captured.err and captured.out == ""
+
+
+def test_a_builder_killed_before_the_swap_leaves_the_old_catalog_and_the_next_build_cleans_up(root):
+    build(root)
+    before = (root / "catalog.duckdb").read_bytes()
+    env = {**os.environ, "RS_EMBED_ASSETS_FAULT": "catalog:before"}
+    code = (f"import os; os.environ['RS_EMBED_ASSETS_MODELS'] = {','.join(MODELS)!r}\n"
+            "from rs_embed_assets.catalog import build_catalog\nfrom rs_embed_assets.storage import Storage\n"
+            f"build_catalog(Storage({str(root)!r}))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, timeout=300)
+    assert proc.returncode == -9
+    assert (root / "catalog.duckdb").read_bytes() == before
+    assert list((root / ".staging").glob("catalog.duckdb.*.tmp"))  # the killed builder's verified file
+    build(root)
+    assert list((root / ".staging").iterdir()) == []
