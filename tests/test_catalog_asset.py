@@ -37,20 +37,22 @@ def graph():
 
 def test_catalog_is_requested_after_one_embedding_partition_lands_while_others_are_missing():
     assert catalog.automation_conditions_by_key[CATALOG] == CATALOG_AUTOMATION
-    defs = dg.Definitions(assets=graph(), resources=default_resources())
+    defs = dg.Definitions(assets=graph(), asset_checks=[catalog_current], resources=default_resources())
+    selection = dg.AssetSelection.keys(CATALOG) | dg.AssetSelection.checks(catalog_current)
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("tiles", TILES)
-        first = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=dg.AssetSelection.keys(CATALOG))
+        first = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=selection)
         assert first.total_requested == 0
         # one partition of one model is materialised; every other partition of every upstream is missing
         instance.report_runless_asset_event(dg.AssetMaterialization(FOMO, partition=f"2024-06-01|{TILES[0]}"))
         second = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor,
-                                                   asset_selection=dg.AssetSelection.keys(CATALOG))
+                                                   asset_selection=selection)
         assert second.get_num_requested(CATALOG) == 1
+        assert second.total_requested == 2  # and the `current` check, which shows a lagging catalog at once
         instance.report_runless_asset_event(dg.AssetMaterialization(CATALOG))
         third = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=second.cursor,
                                                   asset_selection=dg.AssetSelection.keys(CATALOG))
-        assert third.total_requested == 0  # handled: nothing new upstream
+        assert third.get_num_requested(CATALOG) == 0  # handled: nothing new upstream
 
 
 def _resources(root):

@@ -17,12 +17,13 @@ CATALOG_AUTOMATION = (
 ).with_label("rebuild after any upstream partition changes")
 
 CATALOG_KEY = dg.AssetKey("catalog")
+UPSTREAM = [dg.AssetKey(["embeddings", m]) for m in enabled_models()] + [dg.AssetKey("s2_composite"),
+                                                                          dg.AssetKey("s1_composite")]
 
 
 @dg.asset(
     key=CATALOG_KEY,
-    deps=[dg.AssetKey(["embeddings", m]) for m in enabled_models()]
-    + [dg.AssetKey("s2_composite"), dg.AssetKey("s1_composite")],
+    deps=UPSTREAM,
     group_name="catalog",
     kinds={"duckdb"},
     owners=["team:data"],
@@ -78,10 +79,11 @@ def rows_match_manifests(con, models: list[str]) -> dg.AssetCheckResult:
     )
 
 
-@dg.asset_check(asset=CATALOG_KEY, name="current",
+@dg.asset_check(asset=CATALOG_KEY, name="current", additional_deps=UPSTREAM,
                 description="The catalog describes the committed partitions as they are now; fails (warn) "
                             "while partitions changed since the last rebuild.",
-                automation_condition=dg.AutomationCondition.cron_tick_passed("*/10 * * * *"))
+                # evaluated whenever an upstream partition lands, so a catalog that lags shows it at once
+                automation_condition=dg.AutomationCondition.any_deps_match(dg.AutomationCondition.newly_updated()))
 def catalog_current(storage: StorageResource, catalog_db: CatalogResource) -> dg.AssetCheckResult:
     st = storage.get()
     status = catalog_status(st, catalog_db.db_path(st), enabled_models())
