@@ -43,9 +43,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .faults import fault_point
-from .storage import Storage
+from .storage import Storage, StorageError, read_footer_manifest
 
-MANIFEST_KEY = b"rs_embed_assets"  # the partition manifest in each vectors file's Parquet footer
 CATALOG_FORMAT = 2
 
 
@@ -53,46 +52,23 @@ class CatalogError(RuntimeError):
     """The catalog could not be built, verified or opened; the message names the fix."""
 
 
-# --- the storage layout, as the catalog sees it (one place to adapt) -----------------------------
+# --- the storage layout, as the catalog sees it ----------------------------------------------------
 def vectors_files(storage: Storage, model: str) -> list[Path]:
-    """Committed vectors files of ``model``, sorted: every ``.parquet`` one level below ``vectors/``.
+    """Committed vectors files of ``model`` (each the commit point of one partition), sorted.
 
-    Temporary writes live elsewhere (``.staging/``) or under hidden names, which are skipped.
+    Writes are staged under ``.staging/`` and renamed into place, so every file here is committed.
     """
-    base = storage.root / "embeddings" / model / "vectors"
+    base = storage.vectors_dir(model)
     return sorted(p for p in base.glob("*/*.parquet") if not p.name.startswith(".") and p.is_file())
 
 
-def _legacy_parts(path: Path) -> tuple[str, str]:
-    month = path.parent.name.removeprefix("month=")
-    tile = path.stem.removeprefix("tile=")
-    return tile, month
-
-
-def partition_manifest(storage: Storage, model: str, path: Path) -> dict[str, Any]:
-    """The manifest committed with one vectors file (its Parquet footer; a legacy JSON sidecar)."""
-    meta = pq.read_schema(path).metadata or {}
-    rec: dict[str, Any] = {}
-    tile, month = _legacy_parts(path)
-    legacy = storage.root / "embeddings" / model / "manifest" / f"month={month}" / f"tile={tile}.json"
-    if legacy.is_file():  # the layout before the footer held the whole manifest
-        rec.update(json.loads(legacy.read_text()))
-    if MANIFEST_KEY in meta:
-        rec.update(json.loads(meta[MANIFEST_KEY]))
-    return rec or {"model": model, "tile": tile, "month": month}
-
-
 def composite_records(storage: Storage) -> list[dict[str, Any]]:
-    """Committed composite records: ``composites/<sensor>/<tile>/<YYYY-MM>.json`` (or the legacy manifests)."""
-    base = storage.root / "composites"
+    """Committed composite records (``composites/<sensor>/<tile>/<YYYY-MM>.json``)."""
     out = []
-    for pattern in ("*/*/*.json", "*/_manifest/*/*.json"):
-        for p in sorted(base.glob(pattern)):
-            if p.name.startswith(".") or not p.is_file():
-                continue
-            rec = json.loads(p.read_text())
-            rec.setdefault("sensor", p.relative_to(base).parts[0])
-            out.append(rec)
+    for rec in storage.iter_composite_records():
+        rec = dict(rec)
+        rec["path"] = rec.get("store") or rec.get("path")
+        out.append(rec)
     return out
 
 
@@ -206,15 +182,14 @@ def plan_catalog(storage: Storage, models: list[str] | None = None) -> CatalogPl
         for f in files:
             try:
                 n = pq.ParquetFile(f).metadata.num_rows
-                rec = dict(partition_manifest(storage, model, f))
-            except (pa.ArrowException, OSError, ValueError) as exc:
+                rec = dict(read_footer_manifest(f))
+            except (pa.ArrowException, OSError, ValueError, StorageError) as exc:
                 raise CatalogError(f"{f} is not a readable vectors file ({exc}); re-materialise that partition "
                                    "(or remove it) and rebuild the catalog; the previous catalog is unchanged") from exc
             total += n
-            tile, month = _legacy_parts(f)
             rec.setdefault("model", model)
-            rec.setdefault("tile", tile)
-            rec.setdefault("month", month)
+            rec.setdefault("tile", f.stem)
+            rec.setdefault("month", f.parent.name)
             rec["file_rows"] = n
             rec["manifest"] = json.dumps(rec, sort_keys=True, default=str)
             rec["vectors_path"] = f.relative_to(storage.root).as_posix()
@@ -406,7 +381,7 @@ def builder_lock(db_path: Path, timeout_s: float = 600.0) -> Iterator[None]:
 
 def _staging_dir(storage: Storage, db_path: Path) -> Path:
     # same filesystem as the target, so the final rename is atomic
-    return storage.root / ".staging" if db_path.parent == storage.root else db_path.parent
+    return storage.staging_dir if db_path.parent == storage.root else db_path.parent
 
 
 def _remove(path: Path) -> None:

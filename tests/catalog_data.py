@@ -9,6 +9,9 @@ from pathlib import Path
 
 TILES = ("31UFU-k36-r21-c12", "31UFU-k36-r21-c13")
 MONTHS = ("2024-06", "2024-07")
+# on the 31UFU lattice sub-tile c12 owns 4 × 4 FoMo chips and c13 owns 4 × 5
+ROWS_PER_TILE = {TILES[0]: 16, TILES[1]: 20}
+FOMO_ROWS = sum(ROWS_PER_TILE.values()) * len(MONTHS)  # 72
 MODELS = ["fomo", "terrafm_b"]  # terrafm_b is enabled but never materialised: its view must still exist
 
 ENV = {"RS_EMBED_FOMO_DEPTH": "2", "RS_EMBED_FOMO_AUTO_DOWNLOAD": "0", "RS_EMBED_ASSETS_MODELS": ",".join(MODELS)}
@@ -44,3 +47,19 @@ def materialise(root: Path) -> Path:
 def copy_root(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst, symlinks=True)
     return dst
+
+
+def rewrite_vectors(path: Path, *, rows: int | None = None, manifest: dict | None = None) -> None:
+    """Rewrite a committed vectors file in place (as a re-materialisation would): fewer rows and/or
+    changed manifest fields, the footer otherwise kept."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    meta = dict(pq.read_metadata(path).metadata)
+    table = pq.read_table(path)
+    if rows is not None:
+        table = table.slice(0, rows)
+    if manifest:
+        meta[b"rs_embed_assets"] = json.dumps({**json.loads(meta[b"rs_embed_assets"]), **manifest}).encode()
+    pq.write_table(table.replace_schema_metadata(meta), path)

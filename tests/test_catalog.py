@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from catalog_data import MODELS, MONTHS, TILES, copy_root, materialise
+from catalog_data import FOMO_ROWS, MODELS, MONTHS, ROWS_PER_TILE, TILES, copy_root, materialise, rewrite_vectors
 from rs_embed_assets.catalog import CatalogError, build_catalog, catalog_status, connect_readonly, similar_chips
 from rs_embed_assets.storage import Storage
 
@@ -48,7 +48,7 @@ def test_a_moved_data_root_keeps_answering(root, tmp_path):
     moved.parent.mkdir()
     shutil.move(root, moved)
     with connect_readonly(moved / "catalog.duckdb") as con:
-        assert con.execute("SELECT count(*) FROM vectors_fomo").fetchall() == [(64,)]
+        assert con.execute("SELECT count(*) FROM vectors_fomo").fetchall() == [(FOMO_ROWS,)]
         assert con.execute("SELECT count(*) FROM similar_chips('fomo', ?, '2024-06', 3)",
                            [first_chip(con)]).fetchall() == [(3,)]
 
@@ -69,7 +69,7 @@ def test_glob_characters_in_the_root_name_are_taken_literally(made, tmp_path, na
     root = copy_root(made, tmp_path / name)
     build(root)
     with connect_readonly(root / "catalog.duckdb") as con:
-        assert con.execute("SELECT count(*), count(DISTINCT tile) FROM vectors").fetchall() == [(64, 2)]
+        assert con.execute("SELECT count(*), count(DISTINCT tile) FROM vectors").fetchall() == [(FOMO_ROWS, 2)]
 
 
 @pytest.mark.parametrize("name", ["da?a", "data,x"])
@@ -83,7 +83,7 @@ def test_a_catalog_outside_the_root_records_where_the_root_is(root, tmp_path):
     db = tmp_path / "elsewhere" / "cat.duckdb"
     build(root, db_path=db)
     with connect_readonly(db) as con:
-        assert con.execute("SELECT count(*) FROM vectors_fomo").fetchall() == [(64,)]
+        assert con.execute("SELECT count(*) FROM vectors_fomo").fetchall() == [(FOMO_ROWS,)]
 
 
 # --- contents, months and errors (issues 13.3, 13.5) -------------------------------------------------
@@ -94,7 +94,7 @@ def test_every_enabled_model_has_a_typed_view_even_without_rows(root):
         types = dict(con.execute("SELECT column_name, column_type FROM (DESCRIBE vectors_terrafm_b)").fetchall())
         assert types["embedding"] == "FLOAT[768]" and types["month"] == "DATE"
         assert con.execute("SELECT model, rows, partitions FROM models ORDER BY model").fetchall() == [
-            ("fomo", 64, 4), ("terrafm_b", 0, 0)]
+            ("fomo", FOMO_ROWS, 4), ("terrafm_b", 0, 0)]
 
 
 def test_manifest_comes_from_committed_vectors_with_months_as_dates(root):
@@ -103,7 +103,7 @@ def test_manifest_comes_from_committed_vectors_with_months_as_dates(root):
         rows = con.execute("SELECT tile, month, rows, file_rows, vectors_path FROM manifest ORDER BY ALL").fetchall()
         assert [(t, m) for t, m, *_ in rows] == [(t, dt.date.fromisoformat(m + "-01")) for t in TILES
                                                  for m in MONTHS]
-        assert all(r == f == 16 and not Path(p).is_absolute() for _, _, r, f, p in rows)
+        assert all(r == f == ROWS_PER_TILE[t] and not Path(p).is_absolute() for t, _, r, f, p in rows)
         assert con.execute("SELECT DISTINCT typeof(month) FROM composites").fetchall() == [("DATE",)]
 
 
@@ -149,7 +149,7 @@ def test_chip_change_is_one_minus_the_cosine_of_the_two_months(root):
     with connect_readonly(root / "catalog.duckdb") as con:
         rows = con.execute("SELECT chip_id, change FROM chip_change('fomo', '2024-06', '2024-07-01') WHERE tile = ?",
                            [tile]).fetchall()
-    assert len(rows) == 16 and [c for _, c in rows] == sorted((c for _, c in rows), reverse=True)
+    assert len(rows) == ROWS_PER_TILE[tile] and [c for _, c in rows] == sorted((c for _, c in rows), reverse=True)
     for chip, change in rows:
         x, y = va[chip].astype(np.float64), vb[chip].astype(np.float64)
         assert change == pytest.approx(1 - x @ y / np.linalg.norm(x) / np.linalg.norm(y), abs=1e-5)
@@ -172,8 +172,7 @@ def test_status_is_stale_after_a_partition_changes_and_current_after_a_rebuild(r
     build(root)
     assert catalog_status(storage, models=MODELS)["current"]
     victim = next((root / "embeddings/fomo/vectors").glob("*/*.parquet"))
-    table = pq.read_table(victim)
-    pq.write_table(table.slice(0, 8), victim)  # the partition was re-materialised with fewer rows
+    rewrite_vectors(victim, rows=8)  # the partition was re-materialised with fewer rows
     status = catalog_status(storage, models=MODELS)
     assert not status["current"] and "changed" in status["reason"]
     build(root)
@@ -237,7 +236,7 @@ def test_concurrent_builders_and_readers_never_see_a_broken_catalog(root):
         while time.time() - t < 6:
             try:
                 with connect_readonly({str(root / "catalog.duckdb")!r}) as con:
-                    assert con.execute("SELECT count(*) FROM vectors").fetchall() == [(64,)]
+                    assert con.execute("SELECT count(*) FROM vectors").fetchall() == [({FOMO_ROWS},)]
                 reads += 1
             except Exception as exc:
                 errors += 1
@@ -259,7 +258,7 @@ def test_concurrent_builders_and_readers_never_see_a_broken_catalog(root):
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err
     assert rd.returncode == 0 and rd.stdout.strip().endswith("errors 0"), rd.stdout + rd.stderr
-    assert _answers(root / "catalog.duckdb") == [("fomo", 64)]
+    assert _answers(root / "catalog.duckdb") == [("fomo", FOMO_ROWS)]
     assert list((root / ".staging").iterdir()) == []
 
 

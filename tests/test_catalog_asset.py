@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import dagster as dg
-import pyarrow.parquet as pq
 import pytest
 
-from catalog_data import ENV, MODELS, copy_root, materialise
+from catalog_data import ENV, FOMO_ROWS, copy_root, materialise, rewrite_vectors
 from rs_embed_assets.assets.catalog import CATALOG_AUTOMATION, catalog, catalog_current
 from rs_embed_assets.assets.checkpoints import build_checkpoint_asset
 from rs_embed_assets.assets.composites import composite_assets
@@ -69,16 +66,11 @@ def test_rows_check_passes_and_fails_when_a_manifest_disagrees_with_its_rows(mad
     check = _check(res, "rows_match_manifests")
     assert check.passed and check.metadata["partitions_checked"].value == 4
     mat = res.get_asset_materialization_events()[0].materialization
-    assert mat.metadata["rows_per_model"].value == {"fomo": 64, "terrafm_b": 0}
+    assert mat.metadata["rows_per_model"].value == {"fomo": FOMO_ROWS, "terrafm_b": 0}
 
-    # a vectors file whose footer manifest claims 99 rows (it holds 16)
+    # a vectors file whose footer manifest claims 99 rows (it holds 16 or 20)
     victim = sorted((root / "embeddings/fomo/vectors").glob("*/*.parquet"))[0]
-    table = pq.read_table(victim)
-    meta = dict(table.schema.metadata)
-    manifest = json.loads(meta[b"rs_embed_assets"])
-    manifest["rows"] = 99
-    meta[b"rs_embed_assets"] = json.dumps(manifest).encode()
-    pq.write_table(table.replace_schema_metadata(meta), victim)
+    rewrite_vectors(victim, manifest={"rows": 99})
     check = _check(dg.materialize([catalog], resources=_resources(root), raise_on_error=False), "rows_match_manifests")
     assert not check.passed
     assert check.metadata["mismatched_partitions"].value[0]["manifest_rows"] == 99
@@ -89,7 +81,7 @@ def test_current_check_warns_while_the_catalog_is_behind(made, tmp_path):
     assets = [catalog, catalog_current]
     assert _check(dg.materialize(assets, resources=_resources(root)), "current").passed
     victim = sorted((root / "embeddings/fomo/vectors").glob("*/*.parquet"))[0]
-    pq.write_table(pq.read_table(victim).slice(0, 4), victim)  # a partition re-materialised after the build
+    rewrite_vectors(victim, rows=4)  # a partition re-materialised after the build
     only_check = dg.AssetSelection.checks(catalog_current)
     stale = _check(dg.materialize(assets, selection=only_check, resources=_resources(root)), "current")
     assert not stale.passed and stale.severity == dg.AssetCheckSeverity.WARN
