@@ -1,16 +1,29 @@
-"""Sensors and automation: new tiles from an AOI file, each new month as one backfill."""
+"""Sensors and automation that explain themselves.
+
+- ``aoi_tiles_sensor``     adds the tiles covering an AOI file as ``tiles`` partitions (default: stopped)
+- ``tile_keys_sensor``     flags tile partitions whose key is not a tile, with the fix (default: running)
+- ``monthly_automation``   declarative automation of composites and embeddings (default: stopped:
+                           starting it is a decision to spend imagery quota and GPU time)
+- ``catalog_automation``   rebuilds the catalog after embeddings change (default: running, CPU, seconds)
+
+Automation launches only what can succeed. Every asset's condition is ANDed with labelled
+conditions that the UI shows in each evaluation (Automation tab → the asset → a tick):
+"tile key is a valid tile", "checkpoint/<id> is materialised", "tile holds a <n> px chip of <model>".
+A partition for which one of them is false is not requested, and the label says why.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from functools import lru_cache
 from pathlib import Path
 
 import dagster as dg
 
-from .grid import AOI, TileError, tiles_for_aoi
-from .partitions import TILES
+from .grid import AOI, TileError, parse_tile_key, tiles_for_aoi
+from .partitions import TILES, split_key
 
 AOI_FILE_ENV = "RS_EMBED_ASSETS_AOI_FILE"
 
@@ -44,7 +57,7 @@ def aoi_file_tiles(path: str | Path, default_k: int = 1) -> list[str]:
 @dg.sensor(
     name="aoi_tiles_sensor",
     minimum_interval_seconds=60,
-    default_status=dg.DefaultSensorStatus.RUNNING,
+    default_status=dg.DefaultSensorStatus.STOPPED,
     description=(f"Watches the GeoJSON file named by {AOI_FILE_ENV} (default ./aoi.geojson) and adds the "
                  "Sentinel-2 tiles (or k×k sub-tiles, property `subtile_k`) that cover it as `tiles` partitions."),
 )
@@ -69,14 +82,149 @@ def aoi_tiles_sensor(context: dg.SensorEvaluationContext):
     return dg.SensorResult(dynamic_partitions_requests=[TILES.build_add_request(new)])
 
 
-# Composites carry AutomationCondition.on_cron (the latest month, once it is complete); embeddings
-# and the catalog are eager. With emit_backfills the new month of every tile becomes ONE backfill,
-# which the backfill policy then splits into runs, instead of one run per tile.
+@dg.sensor(
+    name="tile_keys_sensor",
+    minimum_interval_seconds=60,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Checks every `tiles` partition key (e.g. one typed in the UI) and flags keys that are not tiles, "
+                "with the command that removes them. It changes nothing itself.",
+)
+def tile_keys_sensor(context: dg.SensorEvaluationContext):
+    keys = context.instance.get_dynamic_partitions(TILES.name)
+    bad = {k: tile_key_problem(k) for k in keys}
+    bad = {k: why for k, why in bad.items() if why}
+    if not bad:
+        return dg.SkipReason(f"all {len(keys)} tile keys are valid tiles")
+    for key, why in bad.items():
+        context.log.error(f"tile partition {key!r} is not a tile: {why}")
+    listed = "; ".join(f"{k!r}: {why}" for k, why in list(bad.items())[:5])
+    return dg.SkipReason(
+        f"{len(bad)} of {len(keys)} tile partitions are not valid tiles and will never be materialised by "
+        f"automation: {listed}{' …' if len(bad) > 5 else ''}. Remove them with "
+        f"`rs-embed-assets tiles remove {' '.join(list(bad)[:5])}`.")
+
+
+@lru_cache(maxsize=4096)
+def tile_key_problem(key: str) -> str | None:
+    """Why ``key`` is not a usable tile key, or None when it is one."""
+    try:
+        parse_tile_key(key)
+    except TileError as exc:
+        return str(exc)
+    return None
+
+
+@lru_cache(maxsize=65536)
+def tile_owns_chips(tile_key: str, model_id: str) -> bool:
+    """Whether the tile (or sub-tile) holds the upper-left pixel of at least one chip of the model.
+
+    Chips lie on one lattice per MGRS tile (anchored at its upper-left corner, stride = chip size,
+    whole chips only); a chip belongs to the sub-tile that holds its upper-left pixel.
+    """
+    import adapters
+
+    from .grid import TILE_PIXELS
+
+    tile = parse_tile_key(tile_key)
+    cs = adapters.get_spec(model_id).chip_size
+    per_side = TILE_PIXELS // cs  # whole chips along one side of the MGRS tile
+    size = TILE_PIXELS // tile.k
+
+    def any_origin(start: int) -> bool:  # a multiple of cs in [start, start + size), below per_side * cs
+        first = -(-start // cs) * cs
+        return first < start + size and first < per_side * cs
+
+    return any_origin(tile.row * size) and any_origin(tile.col * size)
+
+
+class _PartitionFilter(dg.AutomationCondition):
+    """True for the candidate partitions whose (tile, month) passes ``accept``; evaluated per tile."""
+
+    def __init__(self, label: str):
+        self._label = label
+
+    @property
+    def requires_cursor(self) -> bool:
+        return False
+
+    @property
+    def description(self) -> str:
+        return self._label
+
+    @property
+    def name(self) -> str:
+        return self._label
+
+    def get_label(self) -> str | None:
+        return self._label
+
+    def accept(self, tile: str) -> bool:
+        raise NotImplementedError
+
+    def evaluate(self, context):  # noqa: ANN001 - dagster's AutomationContext
+        candidates = context.candidate_subset
+        if candidates.is_empty:
+            return dg.AutomationResult(context, candidates)
+        keep = set()
+        for pk in candidates.expensively_compute_partition_keys():
+            if self.accept(split_key(pk)[0]):
+                keep.add(pk)
+        return dg.AutomationResult(context, candidates.compute_intersection_with_partition_keys(keep))
+
+
+class ValidTile(_PartitionFilter):
+    def __init__(self):
+        super().__init__("tile key is a valid tile")
+
+    def accept(self, tile: str) -> bool:
+        return tile_key_problem(tile) is None
+
+
+class TileHasChips(_PartitionFilter):
+    def __init__(self, model_id: str, chip_size: int):
+        super().__init__(f"tile holds a {chip_size} px chip of {model_id}")
+        self.model_id = model_id
+
+    def accept(self, tile: str) -> bool:
+        return tile_key_problem(tile) is None and tile_owns_chips(tile, self.model_id)
+
+
+def composite_condition(cron: str) -> dg.AutomationCondition:
+    """The completed month of every valid tile, once, after the monthly cron tick."""
+    return (dg.AutomationCondition.on_cron(cron) & ValidTile()).with_label("monthly, valid tiles only")
+
+
+def embedding_condition(model_id: str, checkpoint_key: dg.AssetKey, chip_size: int) -> dg.AutomationCondition:
+    """Eager, but only where the run can succeed: checkpoint built, tile valid and holding a chip."""
+    checkpoint_ready = (~dg.AutomationCondition.any_deps_match(dg.AutomationCondition.missing())
+                        .allow(dg.AssetSelection.assets(checkpoint_key))
+                        ).with_label(f"{checkpoint_key.to_user_string()} is materialised")
+    return (dg.AutomationCondition.eager() & checkpoint_ready & TileHasChips(model_id, chip_size)
+            ).with_label(f"eager where {model_id} can run")
+
+
+# Composites run on the monthly cron, embeddings eagerly after them. With emit_backfills the new
+# month of every tile becomes ONE backfill, which the backfill policy then splits into runs.
+# Custom conditions (ValidTile, TileHasChips) need the code server to evaluate them.
 monthly_automation = dg.AutomationConditionSensorDefinition(
     name="monthly_automation",
-    target=dg.AssetSelection.all(),
+    target=dg.AssetSelection.groups("composites", "embeddings"),
     emit_backfills=True,
+    use_user_code_server=True,
     minimum_interval_seconds=300,
+    default_status=dg.DefaultSensorStatus.STOPPED,
+    description=("Each completed month: composites for every valid tile, then the embeddings of every model whose "
+                 "checkpoint is built and that has chips in the tile, as one backfill. Stopped by default: "
+                 "starting it commits imagery quota and GPU time."),
+)
+
+catalog_automation = dg.AutomationConditionSensorDefinition(
+    name="catalog_automation",
+    target=dg.AssetSelection.groups("catalog"),
+    emit_backfills=False,
+    use_user_code_server=True,
+    minimum_interval_seconds=60,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Each new month: composites for every tile, then all embeddings and the catalog, as one backfill.",
+    description="Rebuilds the DuckDB catalog after embeddings change (a CPU job of seconds), also after manual "
+                "backfills while monthly_automation is stopped.",
 )

@@ -6,7 +6,7 @@ from .assets.catalog import catalog, catalog_current
 from .assets.checkpoints import checkpoint_assets
 from .assets.composites import composite_assets
 from .assets.embeddings import embedding_assets
-from .automation import aoi_tiles_sensor, monthly_automation
+from .automation import aoi_tiles_sensor, catalog_automation, monthly_automation, tile_keys_sensor
 from .resources import default_resources
 
 partitioned_selection = dg.AssetSelection.groups("composites", "embeddings")
@@ -21,6 +21,6 @@ defs = dg.Definitions(
     assets=[*checkpoint_assets, *composite_assets, *embedding_assets, catalog],
     asset_checks=[catalog_current],
     jobs=[embed_job],
-    sensors=[aoi_tiles_sensor, monthly_automation],
+    sensors=[aoi_tiles_sensor, tile_keys_sensor, monthly_automation, catalog_automation],
     resources=default_resources(),
 )

@@ -85,7 +85,7 @@ def test_graph_materialises_and_catalog_answers_sql(env):
             manifest = storage.read_manifest("fomo", tile, month)
             assert manifest["checkpoint_random_init"] is True and len(manifest["checkpoint_sha256"]) == 64
     mat = [e for e in res.get_asset_materialization_events() if e.asset_key == FOMO][0].materialization
-    for key in ("checkpoint_sha256", "preprocessing_hash", "code_version", "composite_versions", "chips_per_s",
+    for key in ("checkpoint_sha256", "preprocessing_hash", "code_version", "composite_version", "chips_per_s",
                 "device", "dtype"):
         assert key in mat.metadata, key
     assert res.get_asset_check_evaluations()[0].passed

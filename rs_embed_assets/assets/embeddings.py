@@ -9,9 +9,11 @@ import dagster as dg
 import adapters
 
 from .. import routing
+from ..automation import embedding_condition
 from ..embedding import code_version
 from ..materialize import materialize_embeddings
 from ..partitions import TILE_MONTH, split_key
+from .lineage import embedding_partition_metadata, partition_check_events, partition_check_spec, vectors_column_schema
 from ..resources import model_resource_key
 from ..settings import enabled_models
 
@@ -40,10 +42,11 @@ def _composite_dep(model_id: str) -> dg.AssetDep:
 def build_embedding_asset(model_id: str) -> dg.AssetsDefinition:
     spec = adapters.get_spec(model_id)
     key = dg.AssetKey(["embeddings", model_id])
-    check = dg.AssetCheckSpec("vectors_complete_and_finite", asset=key,
-                              description="Every chip of the lattice is counted; every embedded chip has one finite, "
-                                          "non-zero, non-constant vector of the model's dimension and the "
-                                          "valid fraction its composite says.")
+    ckpt_key = dg.AssetKey(["checkpoint", spec.checkpoint_id])
+    check = partition_check_spec("vectors_complete_and_finite", key, TILE_MONTH,
+                                 "Every chip of the lattice is counted; every embedded chip has one finite, non-zero, "
+                                 "non-constant vector of the model's dimension and the valid fraction its composite "
+                                 "says. Evaluated per partition.")
     frames = _frames(model_id)
     frames_note = (f" Each partition uses the {frames} monthly composites M-{frames - 1} … M of its tile; a missing "
                    "or empty month is replaced by the nearest month of the window that has data."
@@ -52,7 +55,7 @@ def build_embedding_asset(model_id: str) -> dg.AssetsDefinition:
     @dg.asset(
         key=key,
         partitions_def=TILE_MONTH,
-        deps=[dg.AssetDep(dg.AssetKey(["checkpoint", spec.checkpoint_id])), _composite_dep(model_id)],
+        deps=[dg.AssetDep(ckpt_key), _composite_dep(model_id)],
         backfill_policy=BACKFILL,
         pool="gpu",
         op_tags=routing.embedding_op_tags(),
@@ -63,69 +66,44 @@ def build_embedding_asset(model_id: str) -> dg.AssetsDefinition:
         code_version=code_version(model_id),
         check_specs=[check],
         required_resource_keys={"storage", model_resource_key(model_id)},
-        automation_condition=dg.AutomationCondition.eager(),
+        automation_condition=embedding_condition(model_id, ckpt_key, spec.chip_size),
         description=(f"{spec.description} Chips of {spec.chip_size} px from {spec.sensor}_composite "
                      f"({', '.join(spec.bands)}); pooled {spec.embed_dim}-d vectors per chip in Parquet, grids "
                      f"({spec.embed_dim}, {spec.grid_size}×{spec.grid_size} per chip, {spec.grid_resolution_m:g} m cells) "
                      f"stitched per tile in zarr.{frames_note}"),
-        metadata={"embed_dim": spec.embed_dim, "chip_size_px": spec.chip_size, "bands": list(spec.bands),
-                  "grid_cell_m": spec.grid_resolution_m, "checkpoint_file": spec.checkpoint.filename},
+        metadata={"dagster/column_schema": vectors_column_schema(spec.embed_dim), "embed_dim": spec.embed_dim,
+                  "chip_size_px": spec.chip_size, "bands": list(spec.bands), "grid_cell_m": spec.grid_resolution_m, "checkpoint_file": spec.checkpoint.filename},
     )
-    def _embeddings(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    def _embeddings(context: dg.AssetExecutionContext):
         storage = context.resources.storage.get()
         model_res = getattr(context.resources, model_resource_key(model_id))
         adapter, checkpoint = model_res.load(storage)
         if checkpoint["random_init"]:
             context.log.warning(f"{model_id}: checkpoint is RANDOM-INIT demo weights; embeddings are not meaningful")
-        manifests = []
+        manifests = {}
         for pkey in context.partition_keys:
             tile, month = split_key(pkey)
-            manifests.append(materialize_embeddings(storage, adapter, tile, month, checkpoint, model_res.settings(),
-                                                    log_fn=context.log.debug))
-            m = manifests[-1]
+            m = materialize_embeddings(storage, adapter, tile, month, checkpoint, model_res.settings(),
+                                       log_fn=context.log.debug)
+            manifests[pkey] = m
             context.log.info(f"{model_id} {tile} {month}: {m['rows']} chips in {m['seconds']} s "
                              f"({m['chips_per_s']} chips/s) frames={m['frame_months']}")
-        return dg.MaterializeResult(metadata=_metadata(adapter, checkpoint, manifests),
-                                    check_results=[_check(storage, model_id, manifests, spec.embed_dim)])
+            context.add_asset_metadata(embedding_partition_metadata(storage, m, log=context.log), partition_key=pkey)
+        # only what every partition of the run shares goes to the run-wide part
+        yield dg.MaterializeResult(metadata={"checkpoint_source": str(checkpoint["source_uri"])})
+        yield from partition_check_events(context, key, {
+            pkey: [_check(storage, model_id, m, spec.embed_dim)] for pkey, m in manifests.items()})
 
     return _embeddings
 
 
-def _metadata(adapter, checkpoint: dict, manifests: list[dict]) -> dict:
-    rows = sum(m["rows"] for m in manifests)
-    seconds = sum(m["seconds"] for m in manifests)
-    first = manifests[0]
-    md = {
-        "dagster/row_count": rows,
-        "partitions": len(manifests),
-        "checkpoint_sha256": checkpoint["sha256"],
-        "checkpoint_source": checkpoint["source_uri"],
-        "checkpoint_random_init": bool(checkpoint["random_init"]),
-        "preprocessing_hash": first["preprocessing_hash"],
-        "preprocessing": dg.MetadataValue.json(first["preprocessing"]),
-        "code_version": first["code_version"],
-        "composite_versions": ",".join(sorted({v for m in manifests for v in m["composite_versions"]})),
-        "device": first["device"], "dtype": first["dtype"],
-        "chips_embedded": rows, "chips_skipped": sum(m["chips_skipped"] for m in manifests),
-        "embed_seconds": round(seconds, 3), "chips_per_s": round(rows / seconds, 3) if seconds > 0 else 0.0,
-    }
-    if adapter.spec.frames > 1:
-        md["frame_months"] = dg.MetadataValue.json({f"{m['tile']}/{m['month']}": m["frame_months"] for m in manifests})
-        md["distinct_frames_min"] = min(m["distinct_frames"] for m in manifests)
-    if len(manifests) == 1:
-        md["vectors_path"] = dg.MetadataValue.path(first["vectors_path"])
-        if first["grid_path"]:
-            md["grid_path"] = dg.MetadataValue.path(first["grid_path"])
-        md["grid_shape"] = str(first["grid_shape"])
-    return md
+def _check(storage, model_id: str, manifest: dict, dim: int) -> dg.AssetCheckResult:
+    """One partition's check (finite, non-zero, non-constant vectors; counts; valid fractions)."""
+    from ..checks import partition_problems
 
-
-def _check(storage, model_id: str, manifests: list[dict], dim: int) -> dg.AssetCheckResult:
-    from ..checks import partition_problems  # finite, non-zero, non-constant vectors; counts; valid fractions
-
-    problems = [p for m in manifests for p in partition_problems(storage, model_id, m, dim)]
+    problems = partition_problems(storage, model_id, manifest, dim)
     return dg.AssetCheckResult(check_name="vectors_complete_and_finite", passed=not problems,
-                               metadata={"problems": "; ".join(problems) or "none"})
+                               metadata={"rows": int(manifest.get("rows", 0)), "problems": "; ".join(problems) or "none"})
 
 
 embedding_assets = [build_embedding_asset(m) for m in enabled_models()]
