@@ -17,12 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
 import dagster as dg
 
-from .grid import AOI, TileError, parse_tile_key, tiles_for_aoi
+from .grid import AOI, TileError, canonical_tile_key, parse_tile_key, tiles_for_aoi
 from .partitions import TILES, split_key
 
 AOI_FILE_ENV = "RS_EMBED_ASSETS_AOI_FILE"
@@ -110,7 +111,11 @@ def tile_key_problem(key: str) -> str | None:
     try:
         parse_tile_key(key)
     except TileError as exc:
-        return str(exc)
+        try:  # a key Dagster holds in another spelling would split one tile's data in two
+            canonical = canonical_tile_key(key)
+        except TileError:
+            return str(exc)
+        return f"not the canonical spelling of tile {canonical!r}; remove it and add {canonical!r}"
     return None
 
 
@@ -206,25 +211,27 @@ def embedding_condition(model_id: str, checkpoint_key: dg.AssetKey, chip_size: i
 # Composites run on the monthly cron, embeddings eagerly after them. With emit_backfills the new
 # month of every tile becomes ONE backfill, which the backfill policy then splits into runs.
 # Custom conditions (ValidTile, TileHasChips) need the code server to evaluate them.
-monthly_automation = dg.AutomationConditionSensorDefinition(
-    name="monthly_automation",
-    target=dg.AssetSelection.groups("composites", "embeddings"),
-    emit_backfills=True,
-    use_user_code_server=True,
-    minimum_interval_seconds=300,
-    default_status=dg.DefaultSensorStatus.STOPPED,
-    description=("Each completed month: composites for every valid tile, then the embeddings of every model whose "
-                 "checkpoint is built and that has chips in the tile, as one backfill. Stopped by default: "
-                 "starting it commits imagery quota and GPU time."),
-)
+with warnings.catch_warnings():  # use_user_code_server is beta in 1.13: needed for the custom conditions
+    warnings.simplefilter("ignore", dg.BetaWarning)
+    monthly_automation = dg.AutomationConditionSensorDefinition(
+        name="monthly_automation",
+        target=dg.AssetSelection.groups("composites", "embeddings"),
+        emit_backfills=True,
+        use_user_code_server=True,
+        minimum_interval_seconds=300,
+        default_status=dg.DefaultSensorStatus.STOPPED,
+        description=("Each completed month: composites for every valid tile, then the embeddings of every model whose "
+                     "checkpoint is built and that has chips in the tile, as one backfill. Stopped by default: "
+                     "starting it commits imagery quota and GPU time."),
+    )
 
-catalog_automation = dg.AutomationConditionSensorDefinition(
-    name="catalog_automation",
-    target=dg.AssetSelection.groups("catalog"),
-    emit_backfills=False,
-    use_user_code_server=True,
-    minimum_interval_seconds=60,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Rebuilds the DuckDB catalog after embeddings change (a CPU job of seconds), also after manual "
-                "backfills while monthly_automation is stopped.",
-)
+    catalog_automation = dg.AutomationConditionSensorDefinition(
+        name="catalog_automation",
+        target=dg.AssetSelection.groups("catalog"),
+        emit_backfills=False,
+        use_user_code_server=True,
+        minimum_interval_seconds=60,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Rebuilds the DuckDB catalog after embeddings change (a CPU job of seconds), also after manual "
+                    "backfills while monthly_automation is stopped.",
+    )

@@ -47,28 +47,96 @@ def _aoi_from_args(args):
 
 
 def cmd_tiles(args) -> int:
+    if args.action == "list":
+        keys = _fast_tile_keys()
+        if keys is None:
+            from .partitions import TILES
+
+            keys = get_instance().get_dynamic_partitions(TILES.name)
+        print("\n".join(keys))
+        return 0
     from .grid import tiles_for_aoi
-    from .partitions import TILES, add_tiles
 
     if args.action == "for-aoi":
         print("\n".join(tiles_for_aoi(_aoi_from_args(args), k=args.k)))
         return 0
-    instance = get_instance()
-    if args.action == "list":
-        print("\n".join(instance.get_dynamic_partitions(TILES.name)))
-        return 0
     if args.action == "add":
+        from .partitions import add_tiles
+
+        instance = get_instance()
         keys = list(args.keys or []) + (tiles_for_aoi(_aoi_from_args(args), k=args.k)
                                         if (args.bbox or args.geojson or args.file) else [])
         new = add_tiles(instance, keys)
         print(f"added {len(new)} tile(s), {len(keys) - len(new)} already present: {', '.join(new) or '-'}")
         return 0
+    if args.action == "remove":
+        return _remove_tiles(list(args.keys or []))
     raise SystemExit(f"unknown tiles action {args.action}")
+
+
+def _remove_tiles(keys: list[str]) -> int:
+    """Delete ``tiles`` partitions. Data files and materialisation history are kept (printed)."""
+    from .partitions import TILES
+
+    if not keys:
+        raise ValueError("name the tile keys to remove, e.g. `rs-embed-assets tiles remove 31UFU-k36-r21-c12` "
+                         "(`rs-embed-assets tiles list` shows them)")
+    instance = get_instance()
+    existing = set(instance.get_dynamic_partitions(TILES.name))
+    unknown = [k for k in keys if k not in existing]
+    if unknown:
+        raise ValueError(f"not tile partitions: {', '.join(unknown)} (nothing removed); "
+                         "`rs-embed-assets tiles list` shows the keys")
+    for key in dict.fromkeys(keys):
+        instance.delete_dynamic_partition(TILES.name, key)
+    print(f"removed {len(set(keys))} tile partition(s): {', '.join(dict.fromkeys(keys))}")
+    print("Their files under the data root (composites, vectors, grids) are kept and stay in the catalog; "
+          "their materialisation history stays in the instance and shows again if a tile is re-added. "
+          "Delete a tile's files by hand, then rebuild the catalog, to drop it from SQL.")
+    return 0
+
+
+def _fast_tile_keys() -> list[str] | None:
+    """The ``tiles`` partitions read straight from the default SQLite instance, without importing Dagster.
+
+    ``import dagster`` alone takes seconds; for the default local instance (``storage`` not
+    configured in dagster.yaml) the keys live in ``history/runs/index.db``, table
+    ``dynamic_partitions`` (Dagster 1.13's schema), ordered by insertion like the Dagster API. Any
+    other setup (Postgres, a custom storage, a missing table) returns None: the caller asks Dagster.
+    """
+    import sqlite3
+
+    home = ensure_dagster_home()
+    cfg = (home / "dagster.yaml").read_text()
+    if any(line.split(":")[0].strip() in ("storage", "event_log_storage")
+           for line in cfg.splitlines() if line[:1].isalpha()):
+        return None
+    db = home / "history" / "runs" / "index.db"
+    if not db.exists():
+        return []
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+            rows = con.execute("SELECT partition FROM dynamic_partitions WHERE partitions_def_name = 'tiles' "
+                               "ORDER BY id").fetchall()
+    except sqlite3.Error:
+        return None
+    return [r[0] for r in rows]
+
+
+def parse_months(text: str) -> tuple[str, ...]:
+    """``2024-06,2024-07-01`` → ('2024-06', '2024-07'); each must be a month partition (clear error otherwise)."""
+    from .partitions import month_partition
+
+    months = [m.strip() for m in str(text).split(",") if m.strip()]
+    if not months:
+        raise ValueError("--months needs at least one month, e.g. --months 2024-06,2024-07")
+    return tuple(sorted({month_partition(m) for m in months}))
 
 
 def run_demo(*, data_root: str, bbox: str = DEMO_BBOX, months=DEMO_MONTHS, k: int = DEMO_K,
              model: str = "fomo", allow_random_init: bool = True, top: int = 5) -> list[tuple]:
     """Materialise composites, the checkpoint and one model's embeddings for a small AOI, then query."""
+    months = parse_months(months if isinstance(months, str) else ",".join(months))  # before any work starts
     os.environ["RS_EMBED_ASSETS_DATA_ROOT"] = str(Path(data_root).resolve())
     os.environ.setdefault("RS_EMBED_ASSETS_MODELS", model)
     if allow_random_init:
@@ -127,7 +195,7 @@ def run_demo(*, data_root: str, bbox: str = DEMO_BBOX, months=DEMO_MONTHS, k: in
 
 
 def cmd_demo(args) -> int:
-    run_demo(data_root=args.data_root, bbox=args.bbox, months=tuple(args.months.split(",")), k=args.k,
+    run_demo(data_root=args.data_root, bbox=args.bbox, months=parse_months(args.months), k=args.k,
              model=args.model, allow_random_init=not args.no_random_init, top=args.top)
     return 0
 
@@ -208,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="materialise a small AOI offline and print a DuckDB similarity query")
     d.add_argument("--data-root", default=data_root_default)
     d.add_argument("--bbox", default=DEMO_BBOX)
-    d.add_argument("--months", default=",".join(DEMO_MONTHS))
+    d.add_argument("--months", default=",".join(DEMO_MONTHS),
+                   help="comma-separated months, YYYY-MM or YYYY-MM-01 (each a month partition: from "
+                        "RS_EMBED_ASSETS_START_MONTH to the latest completed month)")
     d.add_argument("--k", type=int, default=DEMO_K, help="k×k sub-tiling of each S2 tile")
     d.add_argument("--model", default="fomo")
     d.add_argument("--top", type=int, default=5)
@@ -216,9 +286,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="fail instead of using random demo weights when the checkpoint is unavailable")
     d.set_defaults(func=cmd_demo)
 
-    t = sub.add_parser("tiles", help="tile partitions: add from an AOI, list, or just compute")
-    t.add_argument("action", choices=["add", "list", "for-aoi"])
-    t.add_argument("keys", nargs="*", help="explicit tile keys (add)")
+    t = sub.add_parser("tiles", help="tile partitions: add from an AOI, list, remove, or just compute")
+    t.add_argument("action", choices=["add", "list", "remove", "for-aoi"])
+    t.add_argument("keys", nargs="*", help="explicit tile keys (add, remove)")
     t.add_argument("--bbox")
     t.add_argument("--geojson", help="GeoJSON file (lon/lat)")
     t.add_argument("--file", help="any vector file GeoPandas reads: GeoPackage, Shapefile, GeoParquet, FlatGeobuf, ...")

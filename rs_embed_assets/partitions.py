@@ -39,3 +39,21 @@ def split_key(key: str | dg.MultiPartitionKey) -> tuple[str, str]:
 
 def make_key(tile: str, month: str) -> dg.MultiPartitionKey:
     return dg.MultiPartitionKey({"tile": tile, "month": f"{parse_month(month)}-01"})
+
+
+def month_partition(value: str) -> str:
+    """``2024-06`` or ``2024-06-01`` → ``2024-06`` when that month is a partition, else a clear error.
+
+    Months run from RS_EMBED_ASSETS_START_MONTH to the latest completed month (a month becomes a
+    partition once it is over, so its composite is final).
+    """
+    month = parse_month(value)
+    first, last = MONTHS.get_first_partition_key(), MONTHS.get_last_partition_key()
+    if f"{month}-01" < first:
+        raise ValueError(f"month {value!r} is before the first month partition {first[:7]}; use a month from "
+                         f"{first[:7]} on, or set RS_EMBED_ASSETS_START_MONTH earlier")
+    if last is None or f"{month}-01" > last:
+        latest = last[:7] if last else "none yet"
+        raise ValueError(f"month {value!r} is not a partition yet: months become partitions once they are over "
+                         f"(latest: {latest})")
+    return month

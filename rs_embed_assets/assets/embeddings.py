@@ -72,7 +72,8 @@ def build_embedding_asset(model_id: str) -> dg.AssetsDefinition:
                      f"({spec.embed_dim}, {spec.grid_size}×{spec.grid_size} per chip, {spec.grid_resolution_m:g} m cells) "
                      f"stitched per tile in zarr.{frames_note}"),
         metadata={"dagster/column_schema": vectors_column_schema(spec.embed_dim), "embed_dim": spec.embed_dim,
-                  "chip_size_px": spec.chip_size, "bands": list(spec.bands), "grid_cell_m": spec.grid_resolution_m, "checkpoint_file": spec.checkpoint.filename},
+                  "chip_size_px": spec.chip_size, "bands": list(spec.bands), "grid_cell_m": spec.grid_resolution_m,
+                  "checkpoint_file": spec.checkpoint.filename},
     )
     def _embeddings(context: dg.AssetExecutionContext):
         storage = context.resources.storage.get()
@@ -103,7 +104,8 @@ def _check(storage, model_id: str, manifest: dict, dim: int) -> dg.AssetCheckRes
 
     problems = partition_problems(storage, model_id, manifest, dim)
     return dg.AssetCheckResult(check_name="vectors_complete_and_finite", passed=not problems,
-                               metadata={"rows": int(manifest.get("rows", 0)), "problems": "; ".join(problems) or "none"})
+                               metadata={"rows": int(manifest.get("rows", 0)),
+                                         "problems": "; ".join(problems) or "none"})
 
 
 embedding_assets = [build_embedding_asset(m) for m in enabled_models()]
