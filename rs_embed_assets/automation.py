@@ -121,25 +121,12 @@ def tile_key_problem(key: str) -> str | None:
 
 @lru_cache(maxsize=65536)
 def tile_owns_chips(tile_key: str, model_id: str) -> bool:
-    """Whether the tile (or sub-tile) holds the upper-left pixel of at least one chip of the model.
-
-    Chips lie on one lattice per MGRS tile (anchored at its upper-left corner, stride = chip size,
-    whole chips only); a chip belongs to the sub-tile that holds its upper-left pixel.
-    """
+    """Whether the tile (or sub-tile) owns at least one chip of the model (see ``lattice``)."""
     import adapters
 
-    from .grid import TILE_PIXELS
+    from .lattice import owns_chips
 
-    tile = parse_tile_key(tile_key)
-    cs = adapters.get_spec(model_id).chip_size
-    per_side = TILE_PIXELS // cs  # whole chips along one side of the MGRS tile
-    size = TILE_PIXELS // tile.k
-
-    def any_origin(start: int) -> bool:  # a multiple of cs in [start, start + size), below per_side * cs
-        first = -(-start // cs) * cs
-        return first < start + size and first < per_side * cs
-
-    return any_origin(tile.row * size) and any_origin(tile.col * size)
+    return owns_chips(parse_tile_key(tile_key), adapters.get_spec(model_id).chip_size)
 
 
 class _PartitionFilter(dg.AutomationCondition):

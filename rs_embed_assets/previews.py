@@ -21,6 +21,7 @@ from typing import Iterable
 import numpy as np
 
 DEFAULT_MAX_PX = 256
+QUICKLOOK_BANDS = {"s2": ("B4", "B3", "B2"), "s1": ("VV", "VH")}  # what composite_rgb reads per sensor
 PNG_BUDGET_BYTES = 100_000  # a data URI bigger than this is not embedded (the page must stay light)
 
 
@@ -105,7 +106,7 @@ def composite_rgb(data: np.ndarray, bands: Iterable[str], sensor: str, *, max_px
     names = [str(b) for b in bands]
     arr = np.asarray(data, dtype=np.float32)
     if sensor == "s2":
-        want = ("B4", "B3", "B2")
+        want = QUICKLOOK_BANDS["s2"]
         missing = [b for b in want if b not in names]
         if missing:
             raise ValueError(f"S2 quick-look needs bands {want}; composite has {names}")

@@ -63,7 +63,7 @@ def _meta(instance, key, pk):
 
 def test_each_embedding_partition_reports_its_own_rows_versions_and_files(range_run):
     instance, res, storage = range_run
-    seen_paths = set()
+    seen_paths, counts = set(), set()
     for pk in PARTITIONS:
         records = _materialisations(instance, FOMO, pk)
         assert len(records) == 1 and records[0].run_id == res.run_id, f"{pk}: one materialisation per run"
@@ -71,14 +71,16 @@ def test_each_embedding_partition_reports_its_own_rows_versions_and_files(range_
         tile, month = md["tile"], md["month"]
         assert pk == str(make_key(tile, month))
         rows = pq.read_metadata(md["vectors_path"]).num_rows
-        assert md["dagster/row_count"] == rows == 16, f"{pk}: row count of the partition, not of the run"
+        assert md["dagster/row_count"] == rows > 0, f"{pk}: row count of the partition, not of the run"
         comp = _meta(instance, S2, pk)
         assert md["composite_version"] == comp["data_version"], "the partition's own composite version"
         assert tile in md["vectors_path"] and tile in md["grid_path"]
         assert len(md["checkpoint_sha256"]) == 64 and md["embed_seconds"] > 0
         seen_paths.add(md["vectors_path"])
+        counts.add(rows)
         assert "partitions" not in md and "composite_versions" not in md, "no run-wide aggregates left"
     assert len(seen_paths) == len(PARTITIONS)
+    assert len(counts) > 1, "the two sub-tiles own different numbers of chips: each partition says its own"
 
 
 def test_composite_versions_differ_per_partition(range_run):
@@ -120,6 +122,7 @@ def test_asset_check_is_evaluated_per_partition_and_points_at_its_materialisatio
     by_partition = {ev.partition: ev for ev in evaluations}
     assert set(by_partition) == set(PARTITIONS), "one evaluation per partition, none run-wide"
     for pk, ev in by_partition.items():
-        assert ev.passed and ev.metadata["rows"].value == 16
         target = _materialisations(instance, FOMO, pk)[0]
+        rows = target.asset_materialization.metadata["dagster/row_count"].value
+        assert ev.passed and ev.metadata["rows"].value == rows
         assert ev.target_materialization_data.storage_id == target.storage_id

@@ -118,15 +118,20 @@ def composite_partition_metadata(storage, summary: Mapping[str, Any], *, preview
         "shape": str(summary.get("shape", "")), "crs": str(summary.get("crs", "")),
         "fetch_seconds": float(summary.get("fetch_seconds", 0.0)),
     }
+    if summary.get("written_at"):
+        md["written_at"] = str(summary["written_at"])
     path = _path(storage.root, summary.get("path"))
     if path is not None:
         md["path"] = dg.MetadataValue.path(str(path))
     if preview and summary.get("status", "ok") == "ok":
         sensor = summary.get("sensor", "s2")
 
+        want = previews.QUICKLOOK_BANDS[sensor]
+
         def render(max_px: int):
             ds = _open_composite(storage, sensor, summary, path)
-            return previews.composite_rgb(_strided(ds["data"], max_px), ds["band"].values, sensor, max_px=max_px)
+            data = ds["data"].sel(band=list(want))  # read 3 (or 2) bands only, strided
+            return previews.composite_rgb(_strided(data, max_px), want, sensor, max_px=max_px)
 
         alt = "RGB B4/B3/B2" if sensor == "s2" else "VV/VH false colour"
         img = _image(render, alt, log)
@@ -136,9 +141,8 @@ def composite_partition_metadata(storage, summary: Mapping[str, Any], *, preview
 
 
 def _open_composite(storage, sensor: str, summary: Mapping[str, Any], path: Path | None):
-    if hasattr(storage, "open_composite"):
-        return storage.open_composite(sensor, summary["tile"], summary["month"])
-    return storage.read_zarr(path)
+    """The committed composite as a lazy dataset (raw values; a preview needs no verified read)."""
+    return storage.open_composite(sensor, summary["tile"], summary["month"]).lazy_dataset()
 
 
 def _strided(da, max_px: int):
@@ -177,7 +181,7 @@ def embedding_partition_metadata(storage, manifest: Mapping[str, Any], *, previe
     seconds = float(manifest.get("seconds", 0.0) or 0.0)
     md: dict[str, Any] = {
         "dagster/row_count": rows,
-        "tile": manifest["tile"], "month": manifest["month"],
+        "tile": manifest["tile"], "month": manifest["month"], "status": str(manifest.get("status", "ok")),
         "composite_version": str(manifest.get("composite_version", "")),
         "checkpoint_sha256": str(manifest.get("checkpoint_sha256", "")),
         "checkpoint_random_init": bool(manifest.get("checkpoint_random_init", False)),
@@ -189,8 +193,14 @@ def embedding_partition_metadata(storage, manifest: Mapping[str, Any], *, previe
         "chips_per_s": float(manifest.get("chips_per_s") or 0.0),
         "device": str(manifest.get("device", "")), "dtype": str(manifest.get("dtype", "")),
     }
+    if manifest.get("chip_rows") and manifest.get("chip_cols"):
+        md["chip_lattice_rows_cols"] = f"r{manifest['chip_rows'][0]}..{manifest['chip_rows'][1]} " \
+                                       f"c{manifest['chip_cols'][0]}..{manifest['chip_cols'][1]}"
     if manifest.get("grid_shape"):
         md["grid_shape"] = str(manifest["grid_shape"])
+        md["grid_dtype"] = str(manifest.get("grid_dtype", ""))
+    if manifest.get("written_at"):
+        md["written_at"] = str(manifest["written_at"])
     if manifest.get("frame_months") and len(manifest["frame_months"]) > 1:
         md["frame_months"] = ",".join(manifest["frame_months"])
         md["distinct_frames"] = int(manifest.get("distinct_frames", len(set(manifest["frame_months"]))))
@@ -218,6 +228,7 @@ def embedding_partition_metadata(storage, manifest: Mapping[str, Any], *, previe
 
 
 def _open_grid(storage, manifest: Mapping[str, Any], gpath: Path):
-    if hasattr(storage, "open_grid"):
-        return storage.open_grid(manifest["model"], manifest["tile"], manifest["month"])
-    return storage.read_zarr(gpath)
+    ds = storage.open_grid(manifest["model"], manifest["tile"], manifest["month"])
+    if ds is None:
+        raise ValueError("the partition has no grid")
+    return ds
