@@ -31,7 +31,7 @@ class StorageResource(dg.ConfigurableResource):
 
 
 class ProviderResource(dg.ConfigurableResource):
-    """Which imagery provider makes composites: ``sample`` (offline), ``local`` or ``gee``."""
+    """Which imagery provider makes composites: ``sample`` (offline), ``local``, ``gee`` or ``stac``."""
 
     kind: str = env_str("RS_EMBED_ASSETS_PROVIDER", "sample")
     options: dict[str, Any] = {}

@@ -1,4 +1,5 @@
-"""Imagery providers: ``sample`` (offline, synthetic), ``local`` (your own files), ``gee`` (Earth Engine)."""
+"""Imagery providers: ``sample`` (offline, synthetic), ``local`` (your own files), ``gee`` (Earth Engine),
+``stac`` (a STAC API of COGs: Earth Search, Planetary Computer)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ _PROVIDERS = {
     "sample": "rs_embed_assets.providers.sample:SampleProvider",
     "local": "rs_embed_assets.providers.local:LocalProvider",
     "gee": "rs_embed_assets.providers.gee:GEEProvider",
+    "stac": "rs_embed_assets.providers.stac:STACProvider",
 }
 
 
