@@ -79,7 +79,7 @@ def test_sample_s1_is_linear_backscatter():
 
 def test_unknown_provider_and_sensor():
     with pytest.raises(ProviderError, match="unknown provider"):
-        create_provider("stac")
+        create_provider("sentinelhub")
     with pytest.raises(CompositeError, match="unknown sensor"):
         create_provider("sample").composite("s3", TILE, "2024-07")
 
