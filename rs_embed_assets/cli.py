@@ -223,14 +223,39 @@ def cmd_models(args) -> int:
 
 
 def cmd_similar(args) -> int:
-    from .catalog import CatalogError, similar_chips
+    """Top-k chips by cosine: the model's search index when it is current (fast), else the SQL macro."""
+    from . import search
+    from .catalog import CatalogError, parse_month, similar_chips
     from .storage import Storage
 
-    db = Storage(args.data_root).catalog_path
-    try:
-        rows = similar_chips(db, args.model, args.chip, args.month, args.k)
-    except CatalogError as exc:
-        raise ValueError(str(exc)) from None
+    storage = Storage(args.data_root)
+    if args.k < 1:
+        raise ValueError(f"-k must be at least 1, got {args.k}")
+    month = parse_month(args.month)
+    months = [parse_month(m) for m in args.months.split(",")] if args.months else None
+    bbox = None
+    if args.bbox:
+        try:
+            bbox = tuple(float(v) for v in args.bbox.split(","))
+        except ValueError:
+            bbox = ()
+        if len(bbox) != 4:
+            raise ValueError(f"--bbox {args.bbox!r} must be min_lon,min_lat,max_lon,max_lat")
+    index = None
+    if not args.exact:
+        try:
+            index = search.open_index(storage, args.model)
+        except search.SearchError:
+            index = None  # no (current) index: the exact SQL macro answers, and names unknown models
+    if index is not None:
+        rows = [h.as_tuple() for h in index.similar(args.chip, month, args.k, months=months, bbox=bbox)]
+    elif months or bbox:
+        raise ValueError(f"--months/--bbox need the search index of {args.model}; materialise the `catalog` asset")
+    else:
+        try:
+            rows = similar_chips(storage.catalog_path, args.model, args.chip, month.isoformat(), args.k)
+        except CatalogError as exc:
+            raise ValueError(str(exc)) from None
     for row in rows:
         print(*row, sep="\t")
     return 0
@@ -303,12 +328,15 @@ def main(argv: list[str] | None = None) -> int:
     m = sub.add_parser("models", help="the registered models: inputs, outputs, checkpoints")
     m.set_defaults(func=cmd_models)
 
-    s = sub.add_parser("similar", help="nearest chips to a chip, from catalog.duckdb")
+    s = sub.add_parser("similar", help="nearest chips to a chip (search index, or catalog.duckdb SQL)")
     s.add_argument("--data-root", default=data_root_default)
     s.add_argument("--model", default="fomo")
     s.add_argument("--chip", required=True)
     s.add_argument("--month", required=True, help="YYYY-MM or YYYY-MM-01")
     s.add_argument("-k", type=int, default=10)
+    s.add_argument("--months", help="only neighbours in these months (comma-separated; needs the search index)")
+    s.add_argument("--bbox", help="only neighbours whose chip centre lies in min_lon,min_lat,max_lon,max_lat")
+    s.add_argument("--exact", action="store_true", help="exact SQL scan instead of the search index")
     s.set_defaults(func=cmd_similar)
 
     e = sub.add_parser("export", help="Cloud-Optimized GeoTIFF of a composite, an embedding grid or a change map")

@@ -4,6 +4,8 @@ import dagster as dg
 
 from ..catalog import build_catalog, catalog_status, connect_readonly
 from ..resources import CatalogResource, StorageResource
+from ..search import build_indexes
+from ..stac_catalog import write_stac
 from ..settings import enabled_models
 
 # Rebuild whenever any partition of any upstream asset is newly materialised, even while other
@@ -38,16 +40,21 @@ UPSTREAM = [dg.AssetKey(["embeddings", m]) for m in enabled_models()] + [dg.Asse
                  "similar_chips(model, chip_id, month, k), nearest_to_vector(model, vec, k), "
                  "chip_timeseries(model, chip_id), chip_change(model, month_a, month_b). Paths are relative "
                  "to the data root; rebuilt atomically and verified before the swap; open it with "
-                 "rs_embed_assets.catalog.connect_readonly."),
+                 "rs_embed_assets.catalog.connect_readonly. Also (re)builds the per-model search indexes "
+                 "(index/<model>, faiss IVF + exact re-rank; `rs-embed-assets similar`) and the STAC catalog (stac/)."),
 )
 def catalog(context: dg.AssetExecutionContext, storage: StorageResource,
             catalog_db: CatalogResource) -> dg.MaterializeResult:
     st = storage.get()
     db_path = catalog_db.db_path(st)
-    summary = build_catalog(st, db_path)  # raises (and the old catalog stays) when anything fails
+    models = enabled_models()
+    summary = build_catalog(st, db_path, models=models)  # raises (and the old catalog stays) when anything fails
     context.log.info(f"catalog rebuilt: {summary['rows_per_model']} in {summary['seconds']} s")
     with connect_readonly(db_path) as con:
-        check = rows_match_manifests(con, enabled_models())
+        check = rows_match_manifests(con, models)
+    indexes = build_indexes(st, [m for m in summary["models"]], log=context.log.info)
+    stac = write_stac(st)
+    context.log.info(f"STAC: {stac['items']} items in {stac['seconds']} s")
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(summary["path"]),
@@ -56,6 +63,9 @@ def catalog(context: dg.AssetExecutionContext, storage: StorageResource,
             "dagster/row_count": sum(summary["rows_per_model"].values()),
             "manifest_rows": summary["manifest_rows"], "composite_rows": summary["composite_rows"],
             "fingerprint": summary["fingerprint"], "seconds": summary["seconds"],
+            "search_indexes": dg.MetadataValue.json(
+                {m: {k: r[k] for k in ("rows", "storage", "nlist", "rebuilt", "seconds")} for m, r in indexes.items()}),
+            "stac": dg.MetadataValue.path(stac["path"]), "stac_items": stac["items"],
         },
         data_version=dg.DataVersion(summary["fingerprint"]),
         check_results=[check],
