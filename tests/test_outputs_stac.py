@@ -169,3 +169,19 @@ def test_rewriting_replaces_the_catalog(stac):
     again = write_stac(storage)
     assert again["collections"] == first["collections"]
     assert not list(storage.staging_dir.glob("*stac*")), "no staged catalog left behind"
+
+
+def test_the_catalog_asset_writes_the_stac_catalog(tmp_path_factory):
+    import dagster as dg
+
+    from rs_embed_assets.assets.catalog import catalog
+    from rs_embed_assets.resources import CatalogResource, StorageResource
+
+    root = tmp_path_factory.mktemp("asset") / "data"
+    shutil.copytree(data_root(tmp_path_factory), root)
+    res = dg.materialize([catalog], resources={"storage": StorageResource(root=str(root)),
+                                               "catalog_db": CatalogResource()})
+    assert res.success
+    meta = res.asset_materializations_for_node("catalog")[0].metadata
+    assert meta["stac_items"].value == 3 * len(TILES) * len(MONTHS)
+    assert pystac.Catalog.from_file(str(root / "stac" / "catalog.json")).get_child(f"embeddings-{MODEL}")
