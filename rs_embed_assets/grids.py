@@ -10,7 +10,7 @@ its own dataset (the same grid mapping, ``x``/``y`` in metres of the tile's UTM 
 committed months are stacked along a ``month`` dimension (numpy datetime64, first of month). Nothing is
 read when the view is built: every month is opened through ``Storage.open_grid`` (lazy zarr) and the
 stack is an xarray lazily indexed backend array, so indexing reads only the chunks it touches and
-``.values``/``.load()`` reads what is selected. No dask needed; with dask installed, ``.chunk()`` works.
+``.values``/``.load()`` reads what is selected. No dask needed.
 """
 
 from __future__ import annotations
