@@ -191,7 +191,9 @@ def embedding_condition(model_id: str, checkpoint_key: dg.AssetKey, chip_size: i
     checkpoint_ready = (~dg.AutomationCondition.any_deps_match(dg.AutomationCondition.missing())
                         .allow(dg.AssetSelection.assets(checkpoint_key))
                         ).with_label(f"{checkpoint_key.to_user_string()} is materialised")
-    return (dg.AutomationCondition.eager() & checkpoint_ready & TileHasChips(model_id, chip_size)
+    # the checkpoint first (cheap, and the UI then shows it false on every partition when it is missing),
+    # the tile test last (it runs per partition, only on those eager would request)
+    return (checkpoint_ready & dg.AutomationCondition.eager() & TileHasChips(model_id, chip_size)
             ).with_label(f"eager where {model_id} can run")
 
 

@@ -67,6 +67,13 @@ def test_new_month_skips_bad_tiles_missing_checkpoints_and_tiles_without_chips()
         assert requested["dynamicvis"] == {str(make_key(SUBTILES[1], "2024-08"))}, "only c13 holds a 512 px chip"
         assert not requested["scalemae_rgb"] and not requested["terrafm_b"], "their checkpoints are not built"
 
+        # once a held-back model's checkpoint is built, its embeddings follow on the next evaluation
+        instance.report_runless_asset_event(dg.AssetMaterialization(["checkpoint", "scalemae_rgb"]))
+        fourth = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=third.cursor,
+                                                   evaluation_time=BEFORE_CRON + dt.timedelta(hours=4))
+        assert fourth.get_requested_partitions(dg.AssetKey(["embeddings", "scalemae_rgb"])) == expected
+        assert not fourth.get_requested_partitions(dg.AssetKey(["embeddings", "fomo"])), "requested once only"
+
 
 def test_tile_keys_sensor_flags_bad_keys_with_the_fix():
     with dg.instance_for_test() as instance:
