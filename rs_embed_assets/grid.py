@@ -138,31 +138,6 @@ def s2_tile_names() -> frozenset[str]:
     return frozenset(names)
 
 
-def lonlat_to_square(lon: np.ndarray, lat: np.ndarray, zone_offset: int = 0) -> list[str]:
-    """MGRS 100 km square ids (``31UFU``) of points, in the plain UTM zones that Sentinel-2 uses.
-
-    Unlike MGRS proper, the Norway/Svalbard zone exceptions are not applied: Sentinel-2 names its
-    tiles in the regular 6° zones (there is a 31VED tile, no 32VJM). ``zone_offset`` ±1 names the
-    square of the neighbouring zone's grid that the point falls in.
-    """
-    lon = np.asarray(lon, dtype=float)
-    lat = np.asarray(lat, dtype=float)
-    zone = (np.floor((lon + 180.0) / 6.0).astype(int) + zone_offset) % 60 + 1
-    band = np.clip(np.floor((lat + 80.0) / 8.0).astype(int), 0, len(_BAND_LETTERS) - 1)
-    out = [""] * lon.size
-    for z in np.unique(zone):
-        for north in (True, False):
-            sel = np.nonzero((zone == z) & ((lat >= 0) == north))[0]
-            if sel.size == 0:
-                continue
-            e, n = lonlat_to_utm((32600 if north else 32700) + int(z), lon[sel], lat[sel])
-            col = np.clip(np.floor(e / SQUARE_M).astype(int) - 1, 0, 7) + 8 * ((int(z) - 1) % 3)
-            row = (np.floor(np.mod(n, 2_000_000) / SQUARE_M).astype(int) + (5 if z % 2 == 0 else 0)) % 20
-            for j, i in enumerate(sel):
-                out[i] = f"{int(z):02d}{_BAND_LETTERS[band[i]]}{_COL_LETTERS[col[j]]}{_ROW_LETTERS[row[j]]}"
-    return out
-
-
 @lru_cache(maxsize=65536)
 def mgrs_tile(name: str) -> Tile:
     """The whole Sentinel-2 tile for an MGRS 100 km square id such as ``31UFU``.

@@ -122,18 +122,24 @@ class LocalProvider(Provider):
             return empty_composite(sensor=sensor, tile=tile, month=month, provider=self.name,
                                    reason=f"no file at {expected} (or .zarr, a {month}/ folder of per-band files, "
                                           f"or the same under {tile.mgrs}/)")
+        # the first file that covers the whole window; else the first that covers part of it (a window
+        # with a margin may reach past a sub-tile's own file but not past its MGRS tile's)
         first_error: ProviderError | None = None
+        chosen = None
         for path in paths:
             try:
-                if path.suffix == ".zarr":
-                    data, valid, info = _read_zarr(path, sensor, tile)
-                else:
-                    data, valid, info = _read_rasterio(path, sensor, tile)
-                break
+                read = _read_zarr if path.suffix == ".zarr" else _read_rasterio
+                result = read(path, sensor, tile)
             except _NotCovering as exc:
                 first_error = first_error or ProviderError(str(exc))
-        else:
+                continue
+            if chosen is None or ("outside_file_px" in chosen[1][2] and "outside_file_px" not in result[2]):
+                chosen = (path, result)
+            if "outside_file_px" not in result[2]:
+                break
+        if chosen is None:
             raise first_error  # type: ignore[misc]
+        path, (data, valid, info) = chosen
         data, notes = self._check_values(path, sensor, data, valid)
         info.update(notes)
         fill = 0 if spec.dtype == "uint16" else np.nan
@@ -457,4 +463,7 @@ def _read_zarr(path: Path, sensor: str, tile: Tile) -> tuple[np.ndarray, np.ndar
             valid[dst] = np.where(okw, np.nan_to_num(win[count_idx], nan=0), 0)
         else:
             valid[dst] = okw
-    return data, valid, {"file": str(path), "window": [r, c], "bands": how, "nodata": nd}
+    info = {"file": str(path), "window": [r, c], "bands": how, "nodata": nd}
+    if (r0, r1, c0, c1) != (r, r + tile.height, c, c + tile.width):
+        info["outside_file_px"] = int(tile.height * tile.width - (r1 - r0) * (c1 - c0))
+    return data, valid, info

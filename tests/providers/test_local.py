@@ -254,3 +254,17 @@ def test_not_a_geotiff_names_the_file(tmp_path):
     p.write_bytes(b"II*\x00garbage")
     with pytest.raises(ProviderError, match=r"2024-05\.tif: could not open it"):
         local(tmp_path).composite("s2", TILE, "2024-05")
+
+
+def test_a_margin_window_prefers_the_file_that_covers_it(tmp_path):
+    """The sub-tile's own file does not reach the margin; its MGRS tile's file does and is used."""
+    vals = s2_values(FILE_AREA)
+    write(tmp_path / "s2" / "31UFU" / "2024-05.tif", vals)
+    write(tmp_path / "s2" / TILE.key / "2024-05.tif", window_of(vals, FILE_AREA, TILE).copy(), area=TILE)
+    ds = local(tmp_path).composite("s2", TILE, "2024-05")
+    assert json.loads(ds.attrs["provider_info"])["file"].endswith(f"{TILE.key}/2024-05.tif")
+    margin = replace(TILE, x0=TILE.x0 + 80, y0=TILE.y0 + 160, width=TILE.width + 16, height=TILE.height + 16)
+    ds = local(tmp_path).composite("s2", margin, "2024-05")
+    assert json.loads(ds.attrs["provider_info"])["file"].endswith("31UFU/2024-05.tif")
+    np.testing.assert_array_equal(ds["data"].values, window_of(vals, FILE_AREA, margin))
+    assert ds.attrs["valid_fraction"] == 1.0
