@@ -14,7 +14,9 @@ compute the expected composite at any 10 m pixel.
 - ``GET|HEAD /<path>.tif`` the COGs, with single byte-range requests (what GDAL's /vsicurl/ sends);
 - ``GET /api/sas/v1/token/<account>/<container>``: a Planetary-Computer-like SAS token; with
   ``require_token`` the files answer 403 unless the query string carries it;
-- fault injection: ``faults[path_prefix] = [status, ...]`` answers those statuses first.
+- fault injection: ``faults[path_prefix] = [status, ...]`` answers those statuses first;
+  ``max_scenes_in_flight`` records the most scenes whose files were being served at once
+  (``file_delay_s`` holds each file response).
 
 Run ``python tests/providers/stac_fixtures.py OUT_DIR`` to write the fixture files and items for a look.
 """
@@ -181,6 +183,9 @@ class StacServer:
         self.require_token = require_token
         self.faults: dict[str, list[int]] = {}
         self.log: list[tuple[str, str, int]] = []
+        self.scenes_in_flight: dict[str, int] = {}  # scene folder → file requests being served
+        self.max_scenes_in_flight = 0
+        self.file_delay_s = 0.0  # hold each file response this long (to make overlapping reads visible)
         self.lock = threading.Lock()
         server = self
 
@@ -256,7 +261,19 @@ class StacServer:
                 self._json(h, {"msft:expiry": (dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1))
                                .isoformat().replace("+00:00", "Z"), "token": self.TOKEN})
             elif path.endswith(".tif"):
-                status = self._file(h, path, parts.query, head)
+                scene = path.rsplit("/", 2)[-2]
+                with self.lock:
+                    self.scenes_in_flight[scene] = self.scenes_in_flight.get(scene, 0) + 1
+                    self.max_scenes_in_flight = max(self.max_scenes_in_flight, len(self.scenes_in_flight))
+                try:
+                    if self.file_delay_s:
+                        threading.Event().wait(self.file_delay_s)
+                    status = self._file(h, path, parts.query, head)
+                finally:
+                    with self.lock:
+                        self.scenes_in_flight[scene] -= 1
+                        if not self.scenes_in_flight[scene]:
+                            del self.scenes_in_flight[scene]
             else:
                 status = 404
                 self._json(h, {"code": "NotFound"}, 404)

@@ -154,6 +154,14 @@ def test_a_scene_that_cannot_be_read_fails_naming_it(fresh):
         provider(es, max_retries=1).composite("s2", TILE, "2024-05")
 
 
+def test_scene_reads_are_bounded_per_process(fresh):
+    fresh.file_delay_s = 0.02
+    stac_mod.set_max_concurrent(1)
+    ds = provider(fresh, max_workers=4).composite("s2", TILE, "2024-05")
+    assert ds.attrs["status"] == "ok"
+    assert fresh.max_scenes_in_flight == 1  # 4 workers, but one scene read at a time in this process
+
+
 def test_planetary_computer_assets_are_signed(pc):
     p = provider(pc, conventions="planetary-computer", token_url=pc.url + "/api/sas/v1/token",
                  sign_hosts=["127.0.0.1"])
