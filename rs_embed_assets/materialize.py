@@ -28,7 +28,7 @@ from adapters import CheckpointError
 from adapters.specs import stable_hash
 
 from .composite import crs_wkt, parse_month, sensor_spec, shift_month, validate_composite
-from .embedding import EmbedOptions, GridSink, code_version_of, embed_partition, grid_attrs, grid_coords
+from .embedding import EmbedOptions, GridSink, bound_heap_growth, code_version_of, embed_partition, grid_attrs, grid_coords
 from .faults import fault_point
 from .grid import parse_tile_key
 from .lattice import Window, chip_lattice, read_window, window_tile
@@ -122,6 +122,7 @@ def materialize_composite(storage: Storage, provider: Provider, sensor: str, til
     into, for every model); each band of ``block_rows`` rows is requested from the provider, checked,
     hashed and written, so memory holds one band whatever the tile size.
     """
+    bound_heap_growth()
     tile = parse_tile_key(tile_key)
     month = parse_month(month)
     spec = sensor_spec(sensor)

@@ -476,12 +476,17 @@ class CompositeReader:
     def rows(self, y0: int, y1: int, band_index: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Rows ``y0:y1`` (window coordinates) of the data (C', h, W) and valid_count (h, W), verified."""
         parts_d, parts_v = [], []
-        for i in range(y0 // self.block_rows, (y1 - 1) // self.block_rows + 1):
+        first = y0 // self.block_rows
+        for old in [k for k in self._cache if k < first]:  # reads move down the store: free what lies above
+            del self._cache[old]
+        for i in range(first, (y1 - 1) // self.block_rows + 1):
             blk = self._block(i)
             b0 = i * self.block_rows
             s, e = max(y0, b0) - b0, min(y1, b0 + blk.valid_count.shape[0]) - b0
             d = blk.data[:, s:e]
-            parts_d.append(d if band_index is None else d[list(band_index)])
+            if band_index is not None and list(band_index) != list(range(d.shape[0])):
+                d = d[list(band_index)]  # a model's subset of the bands (a copy); all bands stay a view
+            parts_d.append(d)
             parts_v.append(blk.valid_count[s:e])
         if len(parts_d) == 1:
             return parts_d[0], parts_v[0]
