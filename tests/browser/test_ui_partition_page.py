@@ -49,15 +49,26 @@ def served_partition(tmp_path):
     env = {**os.environ, "DAGSTER_HOME": str(home), "RS_EMBED_ASSETS_DATA_ROOT": str(tmp_path / "data"),
            "RS_EMBED_ASSETS_MODELS": "fomo", "RS_EMBED_FOMO_DEPTH": "2", "RS_EMBED_ALLOW_RANDOM_INIT": "1",
            "RS_EMBED_FOMO_AUTO_DOWNLOAD": "0", "RS_EMBED_DEVICE": "cpu"}
+    from rs_embed_assets.assets.checkpoints import build_checkpoint_asset
     from rs_embed_assets.assets.composites import composite_assets
-    from rs_embed_assets.resources import ProviderResource, StorageResource
+    from rs_embed_assets.assets.embeddings import build_embedding_asset
+    from rs_embed_assets.resources import CheckpointPolicyResource, ModelResource, ProviderResource, StorageResource
 
+    mp = pytest.MonkeyPatch()
+    for name in ("RS_EMBED_FOMO_DEPTH", "RS_EMBED_FOMO_AUTO_DOWNLOAD"):
+        mp.setenv(name, env[name])
+    assets = [build_checkpoint_asset("fomo", "fomo"), *composite_assets, build_embedding_asset("fomo")]
+    resources = {"storage": StorageResource(root=str(tmp_path / "data")), "provider": ProviderResource(kind="sample"),
+                 "checkpoint_policy": CheckpointPolicyResource(allow_random_init=True),
+                 "model_fomo": ModelResource(model_id="fomo", device="cpu", batch_size=8)}
     with dg.DagsterInstance.from_config(str(home)) as instance:
         instance.add_dynamic_partitions("tiles", [TILE])
-        res = dg.materialize(composite_assets, partition_key=PARTITION, instance=instance,
-                             resources={"storage": StorageResource(root=str(tmp_path / "data")),
-                                        "provider": ProviderResource(kind="sample")})
-        assert res.success
+        assert dg.materialize(assets, selection=[dg.AssetKey(["checkpoint", "fomo"])], instance=instance,
+                              resources=resources).success
+        assert dg.materialize(assets, selection=[dg.AssetKey("s2_composite"), dg.AssetKey("s1_composite"),
+                                                 dg.AssetKey(["embeddings", "fomo"])],
+                              partition_key=PARTITION, instance=instance, resources=resources).success
+    mp.undo()
     port = _free_port()
     log = open(tmp_path / "webserver.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "dagster_webserver", "-w", str(REPO / "workspace.yaml"),
@@ -85,40 +96,50 @@ def served_partition(tmp_path):
         log.close()
 
 
+def _open_preview(page, url: str, shot: Path):
+    """Open a partition's page, open its `preview` Markdown and return the rendered data-URI image."""
+    page.goto(url, wait_until="domcontentloaded", timeout=60_000)
+    img = page.locator('img[src^="data:image/png;base64,"]').first
+    try:
+        # the partition's own metadata; Markdown values open in a dialog ("Show Markdown")
+        row = page.locator("tr", has=page.locator("td", has_text="preview")).last
+        row.wait_for(timeout=60_000)
+        try:  # a fresh browser profile gets the "Join the Dagster community" dialog first
+            page.get_by_role("button", name="Skip").click(timeout=15_000)
+        except Exception:  # noqa: BLE001 - no dialog this time
+            pass
+        row.get_by_text("Show Markdown").click()
+        img.wait_for(state="attached", timeout=30_000)
+    except Exception:
+        page.screenshot(path=str(shot.with_name(shot.stem + "_failed.png")), full_page=True)
+        raise
+    img.scroll_into_view_if_needed()
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=img.element_handle(), timeout=30_000)
+    page.screenshot(path=str(shot), full_page=True)
+    return img
+
+
 @pytest.mark.slow
-def test_partition_page_shows_the_composite_quicklook(served_partition):
+def test_partition_pages_show_the_quicklook_and_the_embedding_pca(served_partition):
     from playwright.sync_api import sync_playwright
 
-    base, tmp = served_partition
-    url = f"{base}/assets/s2_composite?view=partitions&partition={urllib.parse.quote(PARTITION)}"
+    base, _ = served_partition
+    part = urllib.parse.quote(PARTITION)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
             "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
         try:
             page = browser.new_page(viewport={"width": 1600, "height": 1400})
-            page.goto(url, wait_until="domcontentloaded", timeout=60_000)
-            img = page.locator('img[src^="data:image/png;base64,"]').first
-            try:
-                # the partition's own metadata; Markdown values open in a dialog ("Show Markdown")
-                row = page.locator("tr", has=page.locator("td", has_text="preview")).last
-                row.wait_for(timeout=60_000)
-                try:  # a fresh browser profile gets the "Join the Dagster community" dialog first
-                    page.get_by_role("button", name="Skip").click(timeout=15_000)
-                except Exception:  # noqa: BLE001 - no dialog this time
-                    pass
-                row.get_by_text("Show Markdown").click()
-                img.wait_for(state="attached", timeout=30_000)
-            except Exception:
-                page.screenshot(path=str(ARTIFACTS / "partition_page_failed.png"), full_page=True)
-                raise
-            img.scroll_into_view_if_needed()
-            page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=img.element_handle(),
-                                   timeout=30_000)
-            size = img.evaluate("img => [img.naturalWidth, img.naturalHeight]")
-            assert min(size) >= 32, f"the quick-look decoded to {size}"
+            img = _open_preview(page, f"{base}/assets/s2_composite?view=partitions&partition={part}",
+                                ARTIFACTS / "partition_page.png")
+            assert min(img.evaluate("img => [img.naturalWidth, img.naturalHeight]")) >= 32
             assert "RGB" in (img.get_attribute("alt") or "")
-            page.screenshot(path=str(ARTIFACTS / "partition_page.png"), full_page=True)
+            page = browser.new_page(viewport={"width": 1600, "height": 1400})
+            img = _open_preview(page, f"{base}/assets/embeddings/fomo?view=partitions&partition={part}",
+                                ARTIFACTS / "partition_page_embeddings.png")
+            assert min(img.evaluate("img => [img.naturalWidth, img.naturalHeight]")) >= 64
+            assert "PCA" in (img.get_attribute("alt") or "")
         finally:
             browser.close()
     assert (ARTIFACTS / "partition_page.png").stat().st_size > 10_000
