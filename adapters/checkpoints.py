@@ -47,6 +47,29 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+class CheckpointChangedError(CheckpointError):
+    """The file on disk is not the one that was recorded (overwritten, truncated or replaced)."""
+
+    def __init__(self, message: str, *, path: Path, recorded_sha256: str, observed_sha256: str | None):
+        super().__init__(message)
+        self.path, self.recorded_sha256, self.observed_sha256 = path, recorded_sha256, observed_sha256
+
+
+def verify_sha256(path: str | Path, recorded_sha256: str, *, what: str, fix: str) -> str:
+    """Hash ``path`` and refuse it unless it is the recorded file; returns the sha256."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointChangedError(f"{what}: the recorded file {path} is gone; {fix}", path=path,
+                                     recorded_sha256=recorded_sha256, observed_sha256=None)
+    observed = sha256_file(path)
+    if observed != recorded_sha256:
+        raise CheckpointChangedError(
+            f"{what}: {path} changed after it was recorded (recorded sha256 {recorded_sha256[:12]}…, the file now "
+            f"has {observed[:12]}…); embeddings made from it would carry the wrong provenance, so it is refused. "
+            f"{fix}", path=path, recorded_sha256=recorded_sha256, observed_sha256=observed)
+    return observed
+
+
 def default_cache_dir(model_key: str) -> Path:
     return Path(os.path.expanduser("~/.cache/rs_embed")) / model_key
 

@@ -90,6 +90,12 @@ class ModelResource(dg.ConfigurableResource):
         with _MODEL_LOCK:
             adapter = _MODEL_CACHE.get(key)
             if adapter is None:
+                from adapters.checkpoints import verify_sha256
+
+                # the weights must be the ones recorded (and shown as the data version of checkpoint/<id>)
+                verify_sha256(record["path"], record["sha256"], what=f"checkpoint/{spec.checkpoint_id}",
+                              fix=f"re-materialise checkpoint/{spec.checkpoint_id} to record the new file (then the "
+                                  f"embeddings made from the old one show as stale), or restore the original file")
                 cls = adapters.get_adapter_class(self.model_id)
                 adapter = cls.from_checkpoint(record["path"], device=self.device, dtype=self.dtype)
                 _MODEL_CACHE.clear()  # keep one model resident: GPU memory is the scarce resource

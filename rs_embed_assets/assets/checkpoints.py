@@ -1,11 +1,80 @@
 """checkpoint/<id>: the published weights of each model, resolved, verified and fingerprinted."""
 
+from pathlib import Path
+
 import dagster as dg
 
 import adapters
 
+from adapters import CheckpointError, resolve_checkpoint, sha256_file
+from adapters.checkpoints import CheckpointChangedError, verify_sha256
+
 from ..materialize import checkpoint_ids, materialize_checkpoint
 from ..resources import CheckpointPolicyResource, StorageResource
+
+
+def checkpoint_file_key(checkpoint_id: str) -> dg.AssetKey:
+    return dg.AssetKey(["checkpoint_file", checkpoint_id])
+
+
+def checkpoint_file_observation(checkpoint_id: str, exc: CheckpointChangedError) -> dg.AssetObservation:
+    """What a reader found on disk when the recorded weights changed: makes checkpoint/<id> show stale."""
+    return dg.AssetObservation(
+        asset_key=checkpoint_file_key(checkpoint_id),
+        tags={"dagster/data_version": exc.observed_sha256 or "absent"},
+        metadata={"path": str(exc.path), "recorded_sha256": exc.recorded_sha256,
+                  "observed_sha256": exc.observed_sha256 or "absent"})
+
+
+def build_checkpoint_file_source(checkpoint_id: str, model_id: str) -> dg.SourceAsset:
+    """checkpoint_file/<id>: the weights file on disk, observed by its sha256.
+
+    Observing it (UI: "Observe", or automatically when an embedding run finds the file changed)
+    after the file changed in place makes checkpoint/<id> — and so its embeddings — show stale.
+    """
+    source = adapters.get_spec(model_id).checkpoint
+
+    @dg.observable_source_asset(
+        key=checkpoint_file_key(checkpoint_id), group_name="checkpoints", required_resource_keys={"storage"},
+        description=(f"The weights file checkpoint/{checkpoint_id} loads (the recorded one, else what "
+                     f"`{source.env_prefix}_CKPT` or the cache resolve to offline); data version = its sha256."))
+    def _file(context) -> dg.DataVersion:
+        storage = context.resources.storage.get()
+        record_path = storage.checkpoint_record(checkpoint_id)
+        path = None
+        if record_path.exists():
+            path = Path(storage.read_json(record_path)["path"])
+        else:
+            try:
+                path = resolve_checkpoint(source, model_key=checkpoint_id, allow_download=False).path
+            except CheckpointError:
+                pass
+        if path is None or not path.is_file():
+            return dg.DataVersion("absent")
+        return dg.DataVersion(sha256_file(path))
+
+    return _file
+
+
+def build_checkpoint_check(checkpoint_id: str) -> dg.AssetChecksDefinition:
+    @dg.asset_check(asset=dg.AssetKey(["checkpoint", checkpoint_id]), name="file_matches_record",
+                    required_resource_keys={"storage"},
+                    description="The weights file still has the sha256 recorded when the checkpoint was materialised.")
+    def _check(context) -> dg.AssetCheckResult:
+        storage = context.resources.storage.get()
+        record_path = storage.checkpoint_record(checkpoint_id)
+        if not record_path.exists():
+            return dg.AssetCheckResult(passed=False, metadata={"problem": "no record; materialise the checkpoint"})
+        record = storage.read_json(record_path)
+        try:
+            verify_sha256(record["path"], record["sha256"], what=f"checkpoint/{checkpoint_id}",
+                          fix=f"re-materialise checkpoint/{checkpoint_id}")
+        except CheckpointChangedError as exc:
+            context.op_execution_context.log_event(checkpoint_file_observation(checkpoint_id, exc))
+            return dg.AssetCheckResult(passed=False, metadata={"problem": str(exc)})
+        return dg.AssetCheckResult(passed=True, metadata={"sha256": record["sha256"]})
+
+    return _check
 
 
 def build_checkpoint_asset(checkpoint_id: str, model_id: str) -> dg.AssetsDefinition:
@@ -15,6 +84,7 @@ def build_checkpoint_asset(checkpoint_id: str, model_id: str) -> dg.AssetsDefini
 
     @dg.asset(
         key=["checkpoint", checkpoint_id],
+        deps=[checkpoint_file_key(checkpoint_id)],
         group_name="checkpoints",
         kinds={"pytorch"},
         owners=["team:ml"],
@@ -38,3 +108,6 @@ def build_checkpoint_asset(checkpoint_id: str, model_id: str) -> dg.AssetsDefini
 
 
 checkpoint_assets = [build_checkpoint_asset(cid, mid) for cid, mid in checkpoint_ids().items()]
+# the weights files on disk (observed by sha256) and the check that the recorded file is unchanged
+checkpoint_assets += [build_checkpoint_file_source(cid, mid) for cid, mid in checkpoint_ids().items()]
+checkpoint_assets += [build_checkpoint_check(cid) for cid in checkpoint_ids()]

@@ -7,6 +7,7 @@ Parquet vectors + a zarr grid + a manifest per partition, and takes a slot of th
 import dagster as dg
 
 import adapters
+from adapters.checkpoints import CheckpointChangedError
 
 from .. import routing
 from ..automation import embedding_condition
@@ -16,6 +17,7 @@ from ..partitions import TILE_MONTH, split_key
 from .lineage import embedding_partition_metadata, partition_check_events, partition_check_spec, vectors_column_schema
 from ..resources import model_resource_key
 from ..settings import enabled_models
+from .checkpoints import checkpoint_file_observation
 
 BACKFILL = dg.BackfillPolicy.multi_run(max_partitions_per_run=16)
 
@@ -78,7 +80,11 @@ def build_embedding_asset(model_id: str) -> dg.AssetsDefinition:
     def _embeddings(context: dg.AssetExecutionContext):
         storage = context.resources.storage.get()
         model_res = getattr(context.resources, model_resource_key(model_id))
-        adapter, checkpoint = model_res.load(storage)
+        try:
+            adapter, checkpoint = model_res.load(storage)
+        except CheckpointChangedError as exc:  # the weights changed on disk: checkpoint/<id> shows stale
+            context.log_event(checkpoint_file_observation(spec.checkpoint_id, exc))
+            raise
         if checkpoint["random_init"]:
             context.log.warning(f"{model_id}: checkpoint is RANDOM-INIT demo weights; embeddings are not meaningful")
         manifests = {}
