@@ -293,6 +293,24 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    from .doctor import run
+
+    return run(args.data_root, clean=args.clean, verify=not args.no_verify, min_age_s=args.min_age * 60,
+               as_json=args.json)
+
+
+def add_doctor_parser(sub, data_root_default: str) -> None:
+    d = sub.add_parser("doctor", help="report (and --clean) leftovers of killed writes and damaged partitions")
+    d.add_argument("--data-root", default=data_root_default)
+    d.add_argument("--clean", action="store_true", help="remove the leftovers (never committed data)")
+    d.add_argument("--min-age", type=float, default=15.0,
+                   help="minutes: leftovers younger than this may be a write in progress and are kept (default 15)")
+    d.add_argument("--no-verify", action="store_true", help="skip hashing committed stores and checkpoints")
+    d.add_argument("--json", action="store_true", help="findings as JSON")
+    d.set_defaults(func=cmd_doctor)
+
+
 def main(argv: list[str] | None = None) -> int:
     data_root_default = os.environ.get("RS_EMBED_ASSETS_DATA_ROOT", "data")
     p = argparse.ArgumentParser(prog="rs-embed-assets", description=__doc__)
@@ -350,12 +368,41 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("-o", "--output", help="output .tif (default: <product>_<tile>_<month>.tif here)")
     e.set_defaults(func=cmd_export)
 
+    add_doctor_parser(sub, data_root_default)
+
     args = p.parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a run that failed on bad data, a full disk, ...: the reason, not a traceback
+        reason = user_error(exc)
+        if reason is None:
+            raise
+        print(f"error: {reason}", file=sys.stderr)
+        return 1
+
+
+def user_error(exc: BaseException) -> str | None:
+    """The message of the first error in ``exc``'s chain that explains itself (ours, or an OSError with its path).
+
+    Dagster wraps a failing step's exception (``DagsterExecutionStepExecutionError.user_exception``);
+    the wrapped one is what the user needs to read.
+    """
+    from adapters.redact import redact_text
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        mod = type(exc).__module__ or ""
+        if mod.startswith(("rs_embed_assets", "adapters")) or isinstance(exc, ValueError):
+            return redact_text(str(exc))
+        if isinstance(exc, OSError):
+            where = f": {exc.filename}" if exc.filename else ""
+            return redact_text(f"{exc.strerror or exc}{where}" if exc.strerror else str(exc))
+        exc = getattr(exc, "user_exception", None) or exc.__cause__ or exc.__context__
+    return None
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 import dagster as dg
 
 from .assets.catalog import catalog, catalog_current
-from .assets.checkpoints import checkpoint_assets
+from .assets.checkpoints import checkpoint_assets, checkpoint_checks
 from .assets.composites import composite_assets
 from .assets.embeddings import embedding_assets
 from .automation import aoi_tiles_sensor, catalog_automation, monthly_automation, tile_keys_sensor
@@ -19,7 +19,7 @@ embed_job = dg.define_asset_job(
 
 defs = dg.Definitions(
     assets=[*checkpoint_assets, *composite_assets, *embedding_assets, catalog],
-    asset_checks=[catalog_current],
+    asset_checks=[catalog_current, *checkpoint_checks],
     jobs=[embed_job],
     sensors=[aoi_tiles_sensor, tile_keys_sensor, monthly_automation, catalog_automation],
     resources=default_resources(),

@@ -110,4 +110,4 @@ def build_checkpoint_asset(checkpoint_id: str, model_id: str) -> dg.AssetsDefini
 checkpoint_assets = [build_checkpoint_asset(cid, mid) for cid, mid in checkpoint_ids().items()]
 # the weights files on disk (observed by sha256) and the check that the recorded file is unchanged
 checkpoint_assets += [build_checkpoint_file_source(cid, mid) for cid, mid in checkpoint_ids().items()]
-checkpoint_assets += [build_checkpoint_check(cid) for cid in checkpoint_ids()]
+checkpoint_checks = [build_checkpoint_check(cid) for cid in checkpoint_ids()]
