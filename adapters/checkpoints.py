@@ -24,12 +24,13 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
-from .base import CheckpointError, CheckpointSource, env_bool, env_int, env_str
+from .specs import CheckpointError, CheckpointSource, env_bool, env_int, env_str
 from .redact import redact_text, redact_url, split_credentials
+
+if TYPE_CHECKING:  # resolving, hashing and verifying checkpoints needs no torch; writing weights does
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,8 @@ def randomize_parameters(model: nn.Module, *, seed: int = 0, scale: float = 0.02
     Used for demos without network access and for parity tests, where every weight must matter
     (a LayerNorm left at ones or a bias left at zero would hide a wrong key mapping).
     """
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, tensor in sorted(model.state_dict(keep_vars=True).items()):
@@ -198,6 +201,8 @@ def randomize_parameters(model: nn.Module, *, seed: int = 0, scale: float = 0.02
 
 def save_atomic(obj: object, dst: str | Path) -> Path:
     """``torch.save`` to a temporary file beside ``dst`` and rename it into place."""
+    import torch
+
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".part", dir=dst.parent)

@@ -6,8 +6,7 @@ import dagster as dg
 
 import adapters
 
-from adapters import CheckpointError, resolve_checkpoint, sha256_file
-from adapters.checkpoints import CheckpointChangedError, verify_sha256
+from adapters import CheckpointError
 
 from ..materialize import checkpoint_ids, materialize_checkpoint
 from ..resources import CheckpointPolicyResource, StorageResource
@@ -17,7 +16,7 @@ def checkpoint_file_key(checkpoint_id: str) -> dg.AssetKey:
     return dg.AssetKey(["checkpoint_file", checkpoint_id])
 
 
-def checkpoint_file_observation(checkpoint_id: str, exc: CheckpointChangedError) -> dg.AssetObservation:
+def checkpoint_file_observation(checkpoint_id: str, exc) -> dg.AssetObservation:
     """What a reader found on disk when the recorded weights changed: makes checkpoint/<id> show stale."""
     return dg.AssetObservation(
         asset_key=checkpoint_file_key(checkpoint_id),
@@ -39,6 +38,8 @@ def build_checkpoint_file_source(checkpoint_id: str, model_id: str) -> dg.Source
         description=(f"The weights file checkpoint/{checkpoint_id} loads (the recorded one, else what "
                      f"`{source.env_prefix}_CKPT` or the cache resolve to offline); data version = its sha256."))
     def _file(context) -> dg.DataVersion:
+        from adapters.checkpoints import resolve_checkpoint, sha256_file
+
         storage = context.resources.storage.get()
         record_path = storage.checkpoint_record(checkpoint_id)
         path = None
@@ -61,6 +62,8 @@ def build_checkpoint_check(checkpoint_id: str) -> dg.AssetChecksDefinition:
                     required_resource_keys={"storage"},
                     description="The weights file still has the sha256 recorded when the checkpoint was materialised.")
     def _check(context) -> dg.AssetCheckResult:
+        from adapters.checkpoints import CheckpointChangedError, verify_sha256
+
         storage = context.resources.storage.get()
         record_path = storage.checkpoint_record(checkpoint_id)
         if not record_path.exists():

@@ -7,7 +7,6 @@ Parquet vectors + a zarr grid + a manifest per partition, and takes a slot of th
 import dagster as dg
 
 import adapters
-from adapters.checkpoints import CheckpointChangedError
 
 from .. import routing
 from ..automation import embedding_condition
@@ -82,8 +81,11 @@ def build_embedding_asset(model_id: str) -> dg.AssetsDefinition:
         model_res = getattr(context.resources, model_resource_key(model_id))
         try:
             adapter, checkpoint = model_res.load(storage)
-        except CheckpointChangedError as exc:  # the weights changed on disk: checkpoint/<id> shows stale
-            context.log_event(checkpoint_file_observation(spec.checkpoint_id, exc))
+        except Exception as exc:
+            from adapters.checkpoints import CheckpointChangedError
+
+            if isinstance(exc, CheckpointChangedError):  # the weights changed on disk: checkpoint/<id> shows stale
+                context.log_event(checkpoint_file_observation(spec.checkpoint_id, exc))
             raise
         if checkpoint["random_init"]:
             context.log.warning(f"{model_id}: checkpoint is RANDOM-INIT demo weights; embeddings are not meaningful")
