@@ -175,9 +175,14 @@ def check_composite(ds, *, sensor: str, label: str = "", block_rows: int = 1024)
                               label=label)
 
 
-def check_embedding_partition(table, manifest: dict, *, dim: int, composites: Sequence = (),
-                              chips_expected: int | None = None, label: str = "") -> list[str]:
-    """Vectors (a pyarrow Table) of one partition against its manifest, the lattice and its composites."""
+def check_embedding_partition(table, manifest: dict, *, dim: int, valid_masks: Sequence[np.ndarray] = (),
+                              origin: tuple[float, float] | None = None, chips_expected: int | None = None,
+                              label: str = "") -> list[str]:
+    """Vectors (a pyarrow Table) of one partition against its manifest, the lattice and its composites.
+
+    ``valid_masks``: (H, W) validity of each frame's composite, all on one grid whose upper-left
+    corner is ``origin`` (UTM x0, y0) at 10 m.
+    """
     n = table.num_rows
     problems = count_problems(rows_in_file=n, manifest=manifest, chips_expected=chips_expected, label=label)
     if not n:
@@ -185,12 +190,8 @@ def check_embedding_partition(table, manifest: dict, *, dim: int, composites: Se
     emb = table.column("embedding").combine_chunks()
     vec = np.asarray(emb.flatten()).reshape(n, -1)
     problems += vector_problems(vec, dim, label=label)
-    if composites and {"utm_minx", "utm_maxy", "chip_size_px", "valid_fraction"} <= set(table.column_names):
-        first = composites[0]
-        x, y = first["x"].values, first["y"].values
-        pixel = float(abs(x[1] - x[0])) if len(x) > 1 else 10.0
-        valid = np.stack([np.asarray(ds["valid_count"].values) > 0 for ds in composites])
-        expected = chip_valid_fractions(valid, x0=float(x[0]) - pixel / 2, y0=float(y[0]) + pixel / 2, pixel_m=pixel,
+    if len(valid_masks) and origin is not None:
+        expected = chip_valid_fractions(np.stack(valid_masks), x0=origin[0], y0=origin[1], pixel_m=10.0,
                                         minx=table.column("utm_minx").to_numpy(),
                                         maxy=table.column("utm_maxy").to_numpy(),
                                         size_px=table.column("chip_size_px").to_numpy())
@@ -200,7 +201,7 @@ def check_embedding_partition(table, manifest: dict, *, dim: int, composites: Se
 
 
 def partition_problems(storage, model_id: str, manifest: dict, dim: int) -> list[str]:
-    """Read one committed embedding partition (vectors + its composites) and run the checks above."""
+    """Read one committed embedding partition (vectors + its composites, verified) and run the checks above."""
     import pyarrow.parquet as pq
 
     import adapters
@@ -211,10 +212,16 @@ def partition_problems(storage, model_id: str, manifest: dict, dim: int) -> list
     spec = adapters.get_spec(model_id)
     tile, month = manifest["tile"], manifest["month"]
     label = f"{tile}/{month}"
-    table = pq.read_table(storage.resolve(manifest["vectors_path"]))
+    table = pq.read_table(storage.resolve(manifest["vectors_path"]),
+                          columns=["chip_id", "embedding", "utm_minx", "utm_maxy", "chip_size_px", "valid_fraction"])
     expected = chip_lattice(parse_tile_key(tile), spec.chip_size).count
-    # lazily opened: only valid_count and the coordinates are read
-    composites = [storage.open_composite(spec.sensor, tile, m).lazy_dataset()
-                  for m in manifest.get("frame_months", [month])]
-    return check_embedding_partition(table, manifest, dim=dim, composites=composites, chips_expected=expected,
-                                     label=label)
+    masks, origin = [], None
+    for m in manifest.get("frame_months") or [month]:
+        reader = storage.open_composite(spec.sensor, tile, m)  # verified: block checksums
+        masks.append(reader.valid_rows(0, reader.height) > 0)
+        t = reader.record["transform"]
+        if origin is not None and (t[0], t[3]) != origin:
+            return [f"{label}: the frames' composites are on different grids"]
+        origin = (t[0], t[3])
+    return check_embedding_partition(table, manifest, dim=dim, valid_masks=masks, origin=origin,
+                                     chips_expected=expected, label=label)

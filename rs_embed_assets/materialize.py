@@ -89,6 +89,7 @@ def materialize_checkpoint(storage: Storage, checkpoint_id: str, *, allow_random
         "published_filename": cls.spec.checkpoint.filename, "hf_repo": cls.spec.checkpoint.hf_repo,
         "verified_strict_load": bool(verify), "verify_seconds": round(verify_s, 3) if verify_s else None,
     }
+    fault_point("checkpoint")
     storage.write_json(storage.checkpoint_record(checkpoint_id), record)
     return record
 
