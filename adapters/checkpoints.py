@@ -75,9 +75,29 @@ def default_cache_dir(model_key: str) -> Path:
     return Path(os.path.expanduser("~/.cache/rs_embed")) / model_key
 
 
+STALE_PART_S = 600.0  # a .part file untouched this long belongs to a killed write, not a running one
+
+
+def remove_stale_parts(dst: Path, older_than_s: float = STALE_PART_S) -> list[Path]:
+    """Remove ``.<name>.*.part`` siblings of ``dst`` left by killed downloads/writes of the same file."""
+    import time
+
+    removed = []
+    now = time.time()
+    for p in Path(dst).parent.glob(f".{Path(dst).name}.*.part"):
+        try:
+            if now - p.stat().st_mtime >= older_than_s:
+                p.unlink()
+                removed.append(p)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 def download_url(url: str, dst: Path, *, min_bytes: int = 0, timeout: float = 180.0) -> Path:
     """Download to a temporary file beside ``dst``, check its size, then rename into place."""
     dst.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_parts(dst)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".part", dir=dst.parent)
     tmp = Path(tmp_name)
     plain_url, credentials = split_credentials(url)  # user:password@ travels as a header, not in the URL
@@ -205,6 +225,7 @@ def save_atomic(obj: object, dst: str | Path) -> Path:
 
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_parts(dst)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".part", dir=dst.parent)
     os.close(fd)
     try:

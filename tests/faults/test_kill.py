@@ -14,9 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import duckdb
 import pytest
 
+from rs_embed_assets.catalog import connect_readonly
 from rs_embed_assets.doctor import diagnose
 from rs_embed_assets.storage import Storage
 from tests.faults.writer import main as write
@@ -73,7 +73,7 @@ def snapshot(root: Path) -> dict:
         assert manifest["rows"] > 0 and (root / manifest["grid_path"]).is_dir(), "the manifest names its grid"
         st.open_grid(MODEL, TILE, MONTH)["embedding"].load()
     if st.catalog_path.exists():
-        with duckdb.connect(str(st.catalog_path), read_only=True) as con:
+        with connect_readonly(st.catalog_path) as con:
             state["catalog_rows"] = con.execute("SELECT count(*) FROM vectors").fetchone()[0]
     return state
 
@@ -115,8 +115,24 @@ def test_killed_rewrite_keeps_the_old_state_and_the_next_write_leaves_nothing(ro
 def test_killed_first_write_leaves_no_partition_and_the_next_write_commits_it(root, kind, step, remove):
     st = Storage(root)
     remove(st)
+    st.catalog_path.unlink()  # a root where this partition was never written has no catalog naming it
     kill_at(root, step, kind)
     assert snapshot(root)[{"composite": "composite", "embeddings": "vectors"}[kind]] is None, "nothing half-visible"
     write([str(root), *WRITES[kind]])
     assert snapshot(root)[{"composite": "composite", "embeddings": "vectors"}[kind]] is not None
+    assert diagnose(root) == []
+
+
+def test_killed_weights_write_leaves_a_part_file_that_the_next_write_removes(root):
+    """The issue's 187 MB `.part` of a killed random-init write: gone after the next write of that file."""
+    st = Storage(root)
+    weights = Path(st.read_json(st.checkpoint_record(MODEL))["path"])
+    weights.unlink()
+    part = weights.with_name(f".{weights.name}.k1ll3d.part")
+    part.write_bytes(b"\0" * 4096)  # what SIGKILL during torch.save leaves
+    old = os.path.getmtime(part) - 3600
+    os.utime(part, (old, old))
+    assert [f.kind for f in diagnose(root, verify=False)] == ["partial_download"]
+    write([str(root), *WRITES["checkpoint"]])
+    assert weights.is_file() and not part.exists()
     assert diagnose(root) == []
