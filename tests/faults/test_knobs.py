@@ -61,7 +61,7 @@ def test_a_run_with_a_bad_knob_fails_at_resource_setup(tmp_path):
 
 
 def test_bad_start_month_names_the_variable_without_a_traceback(tmp_path):
-    cli = subprocess.run([sys.executable, "-m", "rs_embed_assets.cli", "tiles", "list"],
+    cli = subprocess.run([sys.executable, "-m", "rs_embed_assets.cli", "tiles", "add", "31UFU"],
                          cwd=REPO, capture_output=True, text=True, timeout=120,
                          env={**os.environ, "RS_EMBED_ASSETS_START_MONTH": "2024-13",
                               "DAGSTER_HOME": str(tmp_path / "home")})
