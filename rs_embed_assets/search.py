@@ -89,16 +89,29 @@ def files_fingerprint(storage: Storage, files: Sequence[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def read_vectors(files: Sequence[Path]) -> tuple[pa.Table, np.ndarray]:
-    """Row metadata and the (N, D) float32 matrix of every row of ``files``."""
-    tables = [pq.read_table(f, columns=ROW_COLUMNS + ["embedding"]) for f in files]
-    if not tables:
-        return pa.table({c: [] for c in ROW_COLUMNS}), np.zeros((0, 0), np.float32)
-    table = pa.concat_tables(tables, promote_options="default")
-    emb = table.column("embedding").combine_chunks()
-    dim = emb.type.list_size
-    mat = emb.values.to_numpy(zero_copy_only=False).reshape(len(table), dim).astype(np.float32, copy=False)
-    return table.drop_columns(["embedding"]), mat
+def read_vectors(files: Sequence[Path], *, unit: bool = False) -> tuple[pa.Table, np.ndarray]:
+    """Row metadata and the (N, D) float32 matrix of every row of ``files`` (unit-norm rows when ``unit``).
+
+    The matrix is allocated once and filled file by file, so memory stays at one copy of the vectors.
+    """
+    counts = [pq.ParquetFile(f).metadata.num_rows for f in files]
+    n = sum(counts)
+    dim = pq.read_schema(files[0]).field("embedding").type.list_size if files else 0
+    mat = np.empty((n, dim), np.float32)
+    metas, s = [], 0
+    for f, k in zip(files, counts):
+        t = pq.read_table(f, columns=ROW_COLUMNS + ["embedding"])
+        emb = t.column("embedding").combine_chunks()
+        if k:
+            block = emb.values.to_numpy(zero_copy_only=False).reshape(k, dim)
+            mat[s:s + k] = block
+            if unit:
+                normalise(mat[s:s + k])
+        metas.append(t.drop_columns(["embedding"]))
+        s += k
+    if not metas:
+        return pa.table({c: pa.array([], pa.string()) for c in ROW_COLUMNS}), mat
+    return pa.concat_tables(metas, promote_options="default"), mat
 
 
 # --- building ------------------------------------------------------------------------------------
@@ -124,10 +137,9 @@ def build_index(storage: Storage, model: str, *, storage_type: str = "float32", 
         if rec.get("fingerprint") == fp and rec.get("storage") == storage_type and rec.get("format") == INDEX_FORMAT:
             return dict(rec, rebuilt=False)
     t0 = time.perf_counter()
-    rows, mat = read_vectors(files)
+    rows, mat = read_vectors(files, unit=True)
     t_read = time.perf_counter() - t0
     n = len(rows)
-    mat = normalise(mat)
     staged = storage.staging_path(f"index-{model}")
     staged.mkdir(parents=True)
     try:
@@ -266,6 +278,7 @@ class VectorIndex:
 
     def search(self, query: np.ndarray, k: int = 10, *, months=None, bbox=None, exclude: int | None = None,
                nprobe: int | None = None, exact: bool = False) -> list[Hit]:
+        """Top-k rows by cosine to ``query`` among those passing the filters (``exclude``: a row id to skip)."""
         if k < 1:
             raise SearchError(f"k must be at least 1, got {k}")
         q = normalise(np.array(query, dtype=np.float32, ndmin=2))
@@ -273,33 +286,44 @@ class VectorIndex:
             raise SearchError(f"the query vector has {q.shape[1]} values; {self.model} vectors have "
                               f"{self.record['dim']}")
         mask = self.mask(months=months, bbox=bbox)
-        if exclude is not None:
-            mask = np.ones(len(self), bool) if mask is None else mask.copy()
-            mask[exclude] = False
-        selected = len(self) if mask is None else int(mask.sum())
+        selected = len(self) if mask is None else int(np.count_nonzero(mask))
         if selected == 0:
             return []
+        want = k + (exclude is not None)
         if exact or self.ivf is None or selected < self.record.get("exact_below", EXACT_BELOW):
-            ids = np.arange(len(self)) if mask is None else np.flatnonzero(mask)
+            ids = None if mask is None else np.flatnonzero(mask)
             sims = self._exact(q[0], ids)
+            ids = np.arange(len(self)) if ids is None else ids
         else:
-            ids = self._candidates(q, max(8 * k, 100), mask, nprobe)
+            # a selective filter leaves few rows per cell: probe proportionally more cells
+            probe = nprobe or self.ivf.nprobe
+            probe = min(self.ivf.nlist, int(np.ceil(probe * len(self) / selected)))
+            ids = self._candidates(q, max(8 * want, 100), mask, probe)
             sims = self.rows_of(ids) @ q[0]
-        order = np.argsort(-sims, kind="stable")[:k]
-        return [Hit(str(self.chip_id[i]), str(self.tile[i]), dt.date(1970, 1, 1) + dt.timedelta(days=int(self.month[i])),
-                    float(self.lon[i]), float(self.lat[i]), float(self.valid[i]), float(s))
-                for i, s in zip(ids[order], sims[order])]
+        if exclude is not None:
+            sims = np.where(ids == exclude, -np.inf, sims)
+        top = np.argpartition(-sims, want - 1)[:want] if len(sims) > want else np.arange(len(sims))
+        order = top[np.lexsort((ids[top], -sims[top]))]
+        order = [i for i in order if np.isfinite(sims[i])][:k]
+        return [Hit(str(self.chip_id[ids[i]]), str(self.tile[ids[i]]),
+                    dt.date(1970, 1, 1) + dt.timedelta(days=int(self.month[ids[i]])), float(self.lon[ids[i]]),
+                    float(self.lat[ids[i]]), float(self.valid[ids[i]]), float(sims[i])) for i in order]
 
-    def _exact(self, q: np.ndarray, ids: np.ndarray, block: int = 262_144) -> np.ndarray:
-        out = np.empty(len(ids), np.float32)
-        for s in range(0, len(ids), block):
-            out[s:s + block] = self.rows_of(ids[s:s + block]) @ q
+    def _exact(self, q: np.ndarray, ids: np.ndarray | None, block: int = 262_144) -> np.ndarray:
+        n = len(self) if ids is None else len(ids)
+        out = np.empty(n, np.float32)
+        for s in range(0, n, block):
+            if ids is None and self.vectors is not None:  # contiguous rows of the memory map: no copy
+                out[s:s + block] = self.vectors[s:s + block] @ q
+            else:
+                sel = np.arange(s, min(n, s + block)) if ids is None else ids[s:s + block]
+                out[s:s + block] = self.rows_of(sel) @ q
         return out
 
-    def _candidates(self, q: np.ndarray, n: int, mask: np.ndarray | None, nprobe: int | None) -> np.ndarray:
+    def _candidates(self, q: np.ndarray, n: int, mask: np.ndarray | None, nprobe: int) -> np.ndarray:
         import faiss
 
-        params = faiss.SearchParametersIVF(nprobe=nprobe or self.ivf.nprobe)
+        params = faiss.SearchParametersIVF(nprobe=nprobe)
         if mask is not None:
             bits = np.packbits(mask, bitorder="little")
             params.sel = faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bits))
