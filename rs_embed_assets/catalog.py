@@ -474,8 +474,12 @@ def catalog_root(con: duckdb.DuckDBPyConnection, db_path: Path) -> Path:
     return (db_path.parent / rel).resolve()
 
 
-def connect_readonly(path: str | Path) -> duckdb.DuckDBPyConnection:
-    """Open a catalog read-only, its relative file paths resolved against the data root it belongs to."""
+def connect_readonly(path: str | Path, *, search: bool = False) -> duckdb.DuckDBPyConnection:
+    """Open a catalog read-only, its relative file paths resolved against the data root it belongs to.
+
+    ``search=True`` also registers ``similar_chips_ann(model, chip_id, month, k)``, the search index
+    from SQL (see rs_embed_assets.search.register_sql); close such a connection when done.
+    """
     path = Path(path).expanduser().resolve()
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; materialise the `catalog` asset first")
@@ -484,6 +488,10 @@ def connect_readonly(path: str | Path) -> duckdb.DuckDBPyConnection:
         root = catalog_root(con, path)
         _check_root_name(root)
         con.execute(f"SET file_search_path = {_sql_str(str(root))}")
+        if search:
+            from .search import register_sql
+
+            register_sql(con, Storage(root))
     except BaseException:
         con.close()
         raise

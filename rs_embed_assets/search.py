@@ -350,6 +350,26 @@ def open_index(storage: Storage, model: str, *, require_current: bool = True) ->
     return VectorIndex(storage, record)
 
 
+def register_sql(con, storage: Storage) -> None:
+    """Make the indexes reachable from SQL on ``con``:
+    ``similar_chips_ann(model, chip_id, month, k)`` → ``LIST(STRUCT(chip_id, tile, month, similarity))``::
+
+        SELECT unnest(similar_chips_ann('fomo', '31UFU_64px_r101_c058', '2024-06', 10), recursive := true)
+
+    (A Python function on this connection only: close the connection when done.)
+    """
+    opened: dict[str, VectorIndex] = {}
+
+    def similar_chips_ann(model: str, chip_id: str, month: str, k: int):
+        if model not in opened:
+            opened[model] = open_index(storage, model)
+        return [{"chip_id": h.chip_id, "tile": h.tile, "month": h.month, "similarity": h.similarity}
+                for h in opened[model].similar(chip_id, month, int(k))]
+
+    con.create_function("similar_chips_ann", similar_chips_ann, ["VARCHAR", "VARCHAR", "VARCHAR", "BIGINT"],
+                        "STRUCT(chip_id VARCHAR, tile VARCHAR, month DATE, similarity FLOAT)[]", side_effects=True)
+
+
 def build_indexes(storage: Storage, models: Sequence[str], *, storage_type: str | None = None,
                   log=None) -> dict[str, dict[str, Any]]:
     """Build (or keep, when current) the index of every model; ``RS_EMBED_ASSETS_INDEX_STORAGE`` = float32|int8."""

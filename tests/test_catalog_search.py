@@ -161,3 +161,20 @@ def test_similar_cli_uses_the_index_and_honours_month_and_area_filters(made, tmp
     assert main(base[:-1] + ["5", "--exact"]) == 0
     exact = capsys.readouterr().out.splitlines()
     assert [r.split("\t")[:3] for r in fast] == [r.split("\t")[:3] for r in exact]
+
+
+def test_the_index_is_reachable_from_sql(made, tmp_path):
+    import duckdb
+
+    root = copy_root(made, tmp_path / "data")
+    storage = Storage(root)
+    build_catalog(storage, models=MODELS)
+    search.build_index(storage, "fomo")
+    chip = str(search.open_index(storage, "fomo").chip_id[0])
+    with connect_readonly(storage.catalog_path, search=True) as con:
+        fast = con.execute("SELECT chip_id, month FROM (SELECT unnest(similar_chips_ann('fomo', ?, '2024-06', 5), "
+                           "recursive := true))", [chip]).fetchall()
+        exact = con.execute("SELECT chip_id, month FROM similar_chips('fomo', ?, '2024-06', 5)", [chip]).fetchall()
+        assert fast == exact
+        with pytest.raises(duckdb.Error, match="unknown chip 'nope'"):
+            con.execute("SELECT similar_chips_ann('fomo', 'nope', '2024-06', 5)").fetchall()
