@@ -15,9 +15,11 @@ Adapters know nothing of Dagster, storage or imagery providers. Each model modul
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import pickle
 import re
@@ -70,6 +72,83 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
         return _DTYPES[str(dtype).lower()]
     except KeyError:
         raise AdapterError(f"unknown dtype {dtype!r}; use one of {sorted(set(_DTYPES))}") from None
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype):
+    """Mixed precision for one forward: ``torch.autocast`` in ``dtype`` (weights stay float32), or nothing.
+
+    float32 runs without autocast, so float32 outputs are exactly those of the plain network.
+    """
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+_log = logging.getLogger(__name__)
+
+
+def compile_requested() -> bool:
+    """``RS_EMBED_COMPILE=1``: run the forward through ``torch.compile`` (default off)."""
+    return env_bool("RS_EMBED_COMPILE", False)
+
+
+class DeviceFeeder:
+    """Moves preprocessed host batches to the adapter's device so that copy and compute overlap.
+
+    On CUDA: the prefetch thread pins each batch (``pin``); the main thread starts its copy on a side
+    stream with ``non_blocking=True`` one batch ahead (``submit``) and, just before the forward, makes
+    the compute stream wait for that copy's event (``ready``). Elsewhere all three are plain moves.
+    ``cuda`` is the ``torch.cuda`` module (a stand-in with the same methods in CPU tests).
+    """
+
+    def __init__(self, device: torch.device | str, *, cuda: Any = None, overlap: bool | None = None,
+                 pin_memory: Any = None):
+        self.device = torch.device(device)
+        self.cuda = cuda if cuda is not None else torch.cuda
+        self.overlap = (self.device.type == "cuda") if overlap is None else overlap
+        self.stream = self.cuda.Stream(device=self.device) if self.overlap else None
+        self._pin_memory = pin_memory or (lambda t: t.pin_memory())
+
+    @property
+    def host_device(self) -> torch.device | None:
+        """Where ``preprocess`` should leave batches: the host when copies overlap, else the adapter's device."""
+        return torch.device("cpu") if self.overlap else None
+
+    def pin(self, x: torch.Tensor) -> torch.Tensor:
+        """Host batch -> page-locked host memory (the prefetch thread calls this); a no-op without overlap."""
+        return self._pin_memory(x) if self.overlap and x.device.type == "cpu" else x
+
+    def submit(self, x: torch.Tensor) -> tuple[torch.Tensor, Any, torch.Tensor]:
+        """Start the host-to-device copy of ``x``; returns a handle for ``ready``."""
+        if not self.overlap:  # the forward's ``to_device`` moves it, as without the engine
+            return x, None, x
+        with self.cuda.stream(self.stream):
+            y = x.to(self.device, non_blocking=True)
+            event = self.cuda.Event()
+            event.record(self.stream)
+        return y, event, x  # the host tensor is kept alive until the copy is waited on
+
+    def ready(self, handle: tuple[torch.Tensor, Any, torch.Tensor]) -> torch.Tensor:
+        """The device tensor, usable on the current (compute) stream once its copy has finished."""
+        y, event, _host = handle
+        if event is not None:
+            compute = self.cuda.current_stream(self.device)
+            compute.wait_event(event)
+            if y.is_cuda:  # the allocator must not reuse y's memory before compute is done with it
+                y.record_stream(compute)
+        return y
+
+    def iter_on_device(self, items):
+        """``(key, host batch)`` pairs -> ``(key, device batch)``, the next batch's copy started before
+        the current batch is handed to the model (so it runs while the model computes)."""
+        prev = None
+        for key, x in items:
+            handle = self.submit(x)
+            if prev is not None:
+                yield prev[0], self.ready(prev[1])
+            prev = (key, handle)
+        if prev is not None:
+            yield prev[0], self.ready(prev[1])
 
 
 def load_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str) -> None:
@@ -175,12 +254,18 @@ class Adapter:
     config_cls: ClassVar[type]
 
     def __init__(self, model: nn.Module, config: Any, *, device: str | torch.device = "cpu",
-                 dtype: str | torch.dtype = "float32", checkpoint_path: str | None = None):
+                 dtype: str | torch.dtype = "float32", checkpoint_path: str | None = None,
+                 compile: bool | None = None):
         self.config = config
         self.device = resolve_device(device)
+        # ``dtype`` is the compute precision: float32, or bfloat16/float16 under autocast around the
+        # forward. Weights stay float32 (autocast keeps norms, softmax and reductions in float32) and
+        # outputs are returned as float32.
         self.dtype = resolve_dtype(dtype)
-        self.model = model.to(self.device, dtype=self.dtype).eval()
+        self.model = model.to(self.device).eval()
         self.checkpoint_path = checkpoint_path
+        self.compile = compile_requested() if compile is None else bool(compile)
+        self._compiled: Any = None
 
     # --- construction -------------------------------------------------------------------
     @classmethod
@@ -227,13 +312,27 @@ class Adapter:
 
     # --- inference ----------------------------------------------------------------------
     def preprocess(self, raw: np.ndarray, *, bands: tuple[str, ...] | None = None,
-                   tile_context: dict[str, Any] | None = None) -> torch.Tensor:
-        """Raw provider units -> network input tensor on the adapter's device/dtype.
+                   tile_context: dict[str, Any] | None = None,
+                   device: str | torch.device | None = None) -> torch.Tensor:
+        """Raw provider units -> float32 network input on the adapter's device (or ``device``).
 
         ``bands`` names the channels of ``raw`` (checked against ``spec.bands`` when given);
-        ``tile_context`` is what ``tile_context()`` computed for the chip's tile.
+        ``tile_context`` is what ``tile_context()`` computed for the chip's tile. ``device="cpu"``
+        keeps the batch in host memory (the engine pins it and copies it while the model runs).
         """
         raise NotImplementedError
+
+    def place(self, x: torch.Tensor, device: str | torch.device | None = None) -> torch.Tensor:
+        """A preprocessed float32 batch on ``device`` (default: the adapter's); the end of every ``preprocess``."""
+        return x.to(self.device if device is None else torch.device(device), dtype=torch.float32)
+
+    def device_feeder(self) -> DeviceFeeder:
+        """How the tile engine moves preprocessed batches to this adapter's device (see ``DeviceFeeder``)."""
+        return DeviceFeeder(self.device)
+
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """Network input on the adapter's device as float32 (autocast picks the compute precision)."""
+        return x.to(self.device, dtype=torch.float32)
 
     def forward_embeddings(self, x: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward pass -> (pooled_mean (B, D), grid (B, D, h, w)); subclasses override."""
@@ -242,9 +341,17 @@ class Adapter:
     def embed(self, x: torch.Tensor, *, pooling: str = "mean", **kwargs: Any) -> Embeddings:
         if pooling not in {"mean", "max"}:
             raise AdapterError(f"pooling={pooling!r} is not supported; use 'mean' or 'max'")
-        with torch.inference_mode():
-            pooled, grid = self.forward_embeddings(x, pooling=pooling, **kwargs)
+        with torch.inference_mode(), autocast_context(self.device, self.dtype):
+            pooled, grid = self._forward()(x, pooling=pooling, **kwargs)
         return Embeddings(pooled=pooled.float(), grid=grid.float())
+
+    def _forward(self):
+        """``forward_embeddings``, through ``torch.compile`` when requested (RS_EMBED_COMPILE=1)."""
+        if not self.compile:
+            return self.forward_embeddings
+        if self._compiled is None:
+            self._compiled = _CompiledForward(self)
+        return self._compiled
 
     def tile_context(self, raw_tile: np.ndarray, *, bands: tuple[str, ...] | None = None) -> dict[str, Any]:
         """Statistics over a whole tile-month that preprocessing may use (e.g. per-tile S1 scaling).
@@ -283,6 +390,33 @@ class Adapter:
 
     def preprocessing_hash(self) -> str:
         return stable_hash(self.preprocessing_spec())[:16]
+
+
+class _CompiledForward:
+    """``torch.compile(adapter.forward_embeddings)``; if compiling fails, logs why and runs eager from then on.
+
+    A failure is only blamed on the compiler when the eager forward then succeeds on the same batch;
+    errors of the input itself are raised as they would be without compilation.
+    """
+
+    def __init__(self, adapter: "Adapter"):
+        self.adapter = adapter
+        self.fn: Any = torch.compile(adapter.forward_embeddings)
+        self.failed: str | None = None
+
+    def __call__(self, x: torch.Tensor, **kwargs: Any):
+        if self.failed is None:
+            try:
+                return self.fn(x, **kwargs)
+            except AdapterError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - compiler/backend failures of any type
+                out = self.adapter.forward_embeddings(x, **kwargs)  # raises if the input is at fault
+                self.failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                _log.warning("RS_EMBED_COMPILE=1: torch.compile of %s failed (%s); running eager instead",
+                             self.adapter.spec.model_id, self.failed)
+                return out
+        return self.adapter.forward_embeddings(x, **kwargs)
 
 
 def check_raw_input(raw: np.ndarray, spec: ModelSpec, *, ndim: int, channels: int | None = None,

@@ -351,7 +351,8 @@ class DynamicVisAdapter(Adapter):
 
     # --- inference ------------------------------------------------------------------------------
     def preprocess(self, raw: np.ndarray, *, bands: tuple[str, ...] | None = None,
-                   tile_context: dict[str, Any] | None = None) -> torch.Tensor:
+                   tile_context: dict[str, Any] | None = None,
+                   device: str | torch.device | None = None) -> torch.Tensor:
         """Raw S2 SR DN (B, 3, H, W) in B4,B3,B2 order -> (B, 3, img, img) ImageNet-normalised, as rs-embed.
 
         Per chip, in fp32: nan/inf -> 0, ``/10000``, clip to [0, 1], ``x255`` and a *truncating* ``astype(uint8)``;
@@ -359,10 +360,10 @@ class DynamicVisAdapter(Adapter):
         stretched); ``/255``; ImageNet mean/std.
         """
         arr = check_raw_input(raw, self.spec, ndim=4, bands=bands)
-        return sr_rgb_to_imagenet(arr, self.config.image_size).to(self.device, dtype=self.dtype)
+        return self.place(sr_rgb_to_imagenet(arr, self.config.image_size), device)
 
     def forward_embeddings(self, x: torch.Tensor, *, pooling: str = "mean", **_: Any):
-        grid = self.model(x.to(self.device, dtype=self.dtype), out_indices=(3,))[-1]
+        grid = self.model(self.to_device(x), out_indices=(3,))[-1]
         pooled = grid.mean(dim=(2, 3)) if pooling == "mean" else grid.amax(dim=(2, 3))
         return pooled, grid
 

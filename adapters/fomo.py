@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import (Adapter, AdapterError, CheckpointError, CheckpointSource, ModelSpec, check_raw_input, env_int,
@@ -115,8 +116,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         q, k, v = self.to_qkv(self.norm(x)).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        attn = torch.softmax((q @ k.transpose(-1, -2)) * self.scale, dim=-1)
-        return self.to_out((attn @ v).transpose(1, 2).reshape(b, n, -1))
+        # softmax(q·kᵀ·scale)·v as one fused kernel (flash / memory-efficient on CUDA): no (N, N) matrix
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
 
 
 class FeedForward(nn.Module):
@@ -198,7 +200,8 @@ class FomoAdapter(Adapter):
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def preprocess(self, raw: np.ndarray, *, bands: tuple[str, ...] | None = None,
-                   tile_context: dict[str, Any] | None = None) -> torch.Tensor:
+                   tile_context: dict[str, Any] | None = None,
+                   device: str | torch.device | None = None) -> torch.Tensor:
         """Raw S2 L2A DN (B, 12, H, W) -> normalised (B, 12, img, img) as rs-embed's FoMo adapter.
 
         nan→0, clip [0, 10000], then ``unit_scale`` (/10000), ``per_tile_minmax`` (per-chip, per-band
@@ -214,10 +217,10 @@ class FomoAdapter(Adapter):
             hi = x.max(axis=(2, 3), keepdims=True)
             x = (x - lo) / np.maximum(hi - lo, 1e-6)
         t = torch.from_numpy(np.ascontiguousarray(pad_square(x)))
-        return resize_bilinear(t, self.config.image_size).to(self.device, dtype=self.dtype)
+        return self.place(resize_bilinear(t, self.config.image_size), device)
 
     def forward_embeddings(self, x: torch.Tensor, *, pooling: str = "mean", **_: Any):
-        tokens = self.model.forward_features(x.to(self.device, dtype=self.dtype), self.config.s2_keys)
+        tokens = self.model.forward_features(self.to_device(x), self.config.s2_keys)
         pooled = tokens.mean(dim=1) if pooling == "mean" else tokens.amax(dim=1)
         b, _, d = tokens.shape
         g = self.model.grid

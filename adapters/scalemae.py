@@ -192,10 +192,11 @@ class ScaleMAEAdapter(Adapter):
         return self.spec.source_resolution_m * self.spec.chip_size / self.config.image_size
 
     def preprocess(self, raw: np.ndarray, *, bands: tuple[str, ...] | None = None,
-                   tile_context: dict[str, Any] | None = None) -> torch.Tensor:
+                   tile_context: dict[str, Any] | None = None,
+                   device: str | torch.device | None = None) -> torch.Tensor:
         """Raw S2 SR DN (B, 3, H, W) in B4,B3,B2 order -> ImageNet-normalised (B, 3, img, img)."""
         arr = check_raw_input(raw, self.spec, ndim=4, bands=bands)
-        return sr_rgb_to_imagenet(arr, self.config.image_size).to(self.device, dtype=self.dtype)
+        return self.place(sr_rgb_to_imagenet(arr, self.config.image_size), device)
 
     def forward_kwargs(self, raw_shape: tuple[int, ...], *, pixel_size_m: float) -> dict[str, Any]:
         """input_res_m = pixel_size_m × min(H, W) / image_size: the true GSD of the resized input."""
@@ -220,7 +221,7 @@ class ScaleMAEAdapter(Adapter):
     def forward_embeddings(self, x: torch.Tensor, *, pooling: str = "mean",
                            input_res_m: float | Sequence[float] | torch.Tensor | None = None, **_: Any):
         """pooled: mean/max of the patch tokens (CLS excluded); grid: patch tokens (B, D, g, g)."""
-        x = x.to(self.device, dtype=self.dtype)
+        x = self.to_device(x)
         tokens = self.model.forward_tokens(x, self._res_tensor(input_res_m, x.shape[0]))
         patches = tokens[:, 1:]
         g = x.shape[-1] // self.config.patch_size

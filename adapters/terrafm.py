@@ -318,7 +318,7 @@ class _TerraFMAdapter(Adapter):
     def forward_embeddings(self, x: torch.Tensor, *, pooling: str = "mean", **_: Any):
         """pooled: CLS after the final norm ("mean") or max over the normed patch tokens ("max");
         grid: the normed patch tokens (B, D, h, w). One forward pass for both."""
-        x = x.to(self.device, dtype=self.dtype)
+        x = self.to_device(x)
         tokens = self.model.forward_tokens(x, self.stem)
         p = self.config.patch_size
         b, _, h, w = x.shape
@@ -351,7 +351,8 @@ class TerraFMS2Adapter(_TerraFMAdapter):
     spec = _S2_SPEC
 
     def preprocess(self, raw: np.ndarray, *, bands: tuple[str, ...] | None = None,
-                   tile_context: dict[str, Any] | None = None) -> torch.Tensor:
+                   tile_context: dict[str, Any] | None = None,
+                   device: str | torch.device | None = None) -> torch.Tensor:
         """Raw S2 L2A DN (B, 12, H, W) -> clip(raw/10000, 0, 1), resized to image_size."""
         arr = np.asarray(raw)
         if bands is None and arr.ndim == 4 and arr.shape[1] == len(S1_BANDS):
@@ -360,7 +361,7 @@ class TerraFMS2Adapter(_TerraFMAdapter):
         arr = check_raw_input(arr, self.spec, ndim=4, bands=bands)
         x = np.clip(finite_or_zero(arr) / 10000.0, 0.0, 1.0).astype(np.float32)
         t = resize_bilinear(torch.from_numpy(np.ascontiguousarray(x)), self.config.image_size)
-        return t.to(self.device, dtype=self.dtype)
+        return self.place(t, device)
 
 
 class TerraFMS1Adapter(_TerraFMAdapter):
@@ -384,7 +385,8 @@ class TerraFMS1Adapter(_TerraFMAdapter):
         return {"s1_scaling": "tile", "s1_log1p_p99": p99, "s1_pixels": int(vals.shape[1])}
 
     def preprocess(self, raw: np.ndarray, *, bands: tuple[str, ...] | None = None,
-                   tile_context: dict[str, Any] | None = None) -> torch.Tensor:
+                   tile_context: dict[str, Any] | None = None,
+                   device: str | torch.device | None = None) -> torch.Tensor:
         """Raw linear VV, VH (B, 2, H, W) -> clip(log1p(max(x, 0)) / p99, 0, 1), resized to image_size.
 
         p99 comes from ``tile_context`` (tile scaling) or from each chip (chip scaling, rs-embed).
@@ -410,4 +412,4 @@ class TerraFMS1Adapter(_TerraFMAdapter):
             d = denom if self.config.s1_scaling == "tile" else log1p_p99(chip)
             out[i] = np.clip(x / d, 0.0, 1.0)
         t = resize_bilinear(torch.from_numpy(out), self.config.image_size)
-        return t.to(self.device, dtype=self.dtype)
+        return self.place(t, device)

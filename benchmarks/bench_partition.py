@@ -32,7 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's code, not another installed copy
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("RS_EMBED_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 MODELS = ["fomo", "terrafm_b", "terrafm_b_s1", "scalemae_rgb", "dynamicvis", "agrifm"]
 
 

@@ -509,9 +509,15 @@ def embed_partition(adapter, readers: Sequence, *, tile: Tile, month: str, prove
     grid_writer = grid_writer_factory(lattice) if (grid_writer_factory and lattice.count) else None
     gsink = GridSink(grid_writer, lattice, spec.grid_size, spec.embed_dim, grid_dtype) if grid_writer else None
 
+    feeder = adapter.device_feeder()
+
     def prepare(raw: np.ndarray):
-        # runs on the prefetch thread: read, convert, preprocess and (on CUDA) copy to the device
-        # while the model runs the previous batch
+        # runs on the prefetch thread while the model runs the previous batch: read, convert, preprocess;
+        # on CUDA the batch stays in pinned host memory and the main thread copies it on a side stream
+        if feeder.overlap:
+            x = adapter.preprocess(to_float32(raw), bands=spec.bands, tile_context=tile_ctx,
+                                   device=feeder.host_device)
+            return feeder.pin(x)
         return adapter.preprocess(to_float32(raw), bands=spec.bands, tile_context=tile_ctx)
 
     done, t0, last_log = 0, time.perf_counter(), time.perf_counter()
@@ -520,7 +526,7 @@ def embed_partition(adapter, readers: Sequence, *, tile: Tile, month: str, prove
     pending_n = 0
     fetch = _Prefetcher(_batches(plan, readers, band_index, bs, prepare), opts.prefetch)
     try:
-        for positions, x in fetch:
+        for positions, x in feeder.iter_on_device(fetch):
             tf = time.perf_counter()
             out = adapter.embed(x, pooling=opts.pooling, **fwd_kwargs)
             pooled, grids = out.numpy()
