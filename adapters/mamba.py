@@ -244,10 +244,14 @@ class MambaMixer(nn.Module):
         delta = F.softplus(self.dt_proj(dt).float()).transpose(1, 2)         # (B, Di, L), fp32
         A = -torch.exp(self.A_log.float())
         args = (u, delta, A, Bm.transpose(1, 2), Cm.transpose(1, 2), self.D, z)
-        if self.scan_impl == "sequential":
-            y = selective_scan_sequential(*args)
-        else:
-            y = selective_scan_chunked(*args, chunk=self.chunk)
+        # the scan runs in float32 whatever the autocast precision (as mamba_ssm's kernel does):
+        # its cumulative products lose too much in 16 bit; a no-op for float32 inputs
+        with torch.autocast(device_type=u.device.type, enabled=False):
+            args = tuple(a.float() for a in args)
+            if self.scan_impl == "sequential":
+                y = selective_scan_sequential(*args)
+            else:
+                y = selective_scan_chunked(*args, chunk=self.chunk)
         return self.out_proj(y.transpose(1, 2).to(dtype))
 
     def _forward_cuda(self, xz: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
