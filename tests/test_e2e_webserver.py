@@ -124,16 +124,21 @@ def test_ui_backfill_materialises_partitions_and_catalog(dagster_dev):
     assert bf["status"] in {"COMPLETED", "COMPLETED_SUCCESS"}, (bf, (tmp / "dagster_dev.log").read_text()[-4000:])
     assert all(r["status"] == "SUCCESS" for r in bf["runs"]), bf["runs"]
 
+    from rs_embed_assets.storage import Storage
+
     data = tmp / "data"
+    storage, rows = Storage(data), 0
     for p in PARTITIONS:
         month, tile = p[:7], p.split("|")[1]
-        assert (data / "composites" / "s2" / tile / f"{month}.zarr").is_dir()
-        assert (data / "composites" / "s1" / tile / f"{month}.zarr").is_dir()
-        assert (data / "embeddings" / "fomo" / "vectors" / f"month={month}" / f"tile={tile}.parquet").is_file()
-        assert (data / "embeddings" / "fomo" / "grid" / tile / f"{month}.zarr").is_dir()
+        for sensor in ("s2", "s1"):  # committed composites whose stores exist
+            record = storage.composite_record(sensor, tile, month)
+            assert record is not None and storage.resolve(record["store"]).is_dir(), (sensor, p)
+        manifest = storage.read_manifest("fomo", tile, month)  # the vectors file is the commit point
+        assert manifest is not None and storage.open_grid("fomo", tile, month) is not None, p
+        rows += manifest["rows"]
     from rs_embed_assets.catalog import connect_readonly
 
     with connect_readonly(data / "catalog.duckdb") as con:
         assert con.execute("SELECT count(*), count(DISTINCT tile), count(DISTINCT month) FROM vectors_fomo"
-                           ).fetchone() == (64, 2, 2)
+                           ).fetchone() == (rows, 2, 2)
         assert con.execute("SELECT count(*) FROM manifest WHERE checkpoint_random_init").fetchone()[0] == 4

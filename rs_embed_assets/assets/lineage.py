@@ -111,7 +111,7 @@ def composite_partition_metadata(storage, summary: Mapping[str, Any], *, preview
     """Metadata of ONE composite partition from its summary dict (and a quick-look read from the store)."""
     md: dict[str, Any] = {
         "tile": summary["tile"], "month": summary["month"],
-        "data_version": summary.get("data_version") or summary.get("version", ""),
+        "data_version": str(summary.get("data_version", "")),
         "status": summary.get("status", ""),
         "valid_fraction": float(summary.get("valid_fraction", 0.0)),
         "scene_count": int(summary.get("scene_count", 0)),
@@ -125,12 +125,12 @@ def composite_partition_metadata(storage, summary: Mapping[str, Any], *, preview
         md["path"] = dg.MetadataValue.path(str(path))
     if preview and summary.get("status", "ok") == "ok":
         sensor = summary.get("sensor", "s2")
-
         want = previews.QUICKLOOK_BANDS[sensor]
 
         def render(max_px: int):
-            ds = _open_composite(storage, sensor, summary, path)
-            data = ds["data"].sel(band=list(want))  # read 3 (or 2) bands only, strided
+            # the committed store, lazily and raw (a picture needs no verified read); chunks hold all bands
+            ds = storage.open_composite(sensor, summary["tile"], summary["month"]).lazy_dataset()
+            data = ds["data"].sel(band=list(want))
             return previews.composite_rgb(_strided(data, max_px), want, sensor, max_px=max_px)
 
         alt = "RGB B4/B3/B2" if sensor == "s2" else "VV/VH false colour"
@@ -138,11 +138,6 @@ def composite_partition_metadata(storage, summary: Mapping[str, Any], *, preview
         if img is not None:
             md["preview"] = img
     return md
-
-
-def _open_composite(storage, sensor: str, summary: Mapping[str, Any], path: Path | None):
-    """The committed composite as a lazy dataset (raw values; a preview needs no verified read)."""
-    return storage.open_composite(sensor, summary["tile"], summary["month"]).lazy_dataset()
 
 
 def _strided(da, max_px: int):
@@ -211,8 +206,9 @@ def embedding_partition_metadata(storage, manifest: Mapping[str, Any], *, previe
         md["grid_path"] = dg.MetadataValue.path(str(gpath))
     if preview and rows and gpath is not None:
         def render(max_px: int):
-            ds = _open_grid(storage, manifest, gpath)
-            return previews.pca_rgb(_strided(ds["embedding"], max_px), max_px=max_px)
+            ds = storage.open_grid(manifest["model"], manifest["tile"], manifest["month"])  # lazy
+            # every feature is read, so cells are strided to ~128 per side (a whole tile: 40 MB, not 1.4 GB)
+            return previews.pca_rgb(_strided(ds["embedding"], 64), max_px=max_px)
 
         img = _image(render, "embedding PCA (PC1-3 as RGB)", log)
         if img is not None:
@@ -225,10 +221,3 @@ def embedding_partition_metadata(storage, manifest: Mapping[str, Any], *, previe
                                                                  if c in pq.read_schema(vpath).names])
         md["sample_rows"] = dg.MetadataValue.md(previews.sample_rows_markdown(table, sample_rows))
     return md
-
-
-def _open_grid(storage, manifest: Mapping[str, Any], gpath: Path):
-    ds = storage.open_grid(manifest["model"], manifest["tile"], manifest["month"])
-    if ds is None:
-        raise ValueError("the partition has no grid")
-    return ds
