@@ -21,6 +21,11 @@ MODE_ENV = "RS_EMBED_ASSETS_FAULT_MODE"
 _hits: dict[str, int] = {}
 
 
+def reset() -> None:
+    """Forget the hits counted for ``RS_EMBED_ASSETS_FAULT_SKIP`` (between in-process runs of a test)."""
+    _hits.clear()
+
+
 def fault_point(name: str) -> None:
     """Die here (SIGKILL) when ``RS_EMBED_ASSETS_FAULT`` names this point; otherwise do nothing."""
     wanted = os.environ.get(ENV)

@@ -9,6 +9,7 @@ from ..materialize import materialize_composite
 from ..partitions import TILE_MONTH, split_key
 from ..resources import ProviderResource, StorageResource
 from .lineage import compact, composite_partition_metadata
+from .ranges import completed_partitions
 
 BACKFILL = dg.BackfillPolicy.multi_run(max_partitions_per_run=16)
 MONTHLY_CRON = "0 4 3 * *"  # 04:00 on the 3rd: the previous month is complete
@@ -35,12 +36,14 @@ def build_composite_asset(sensor: str) -> dg.AssetsDefinition:
     def _composite(context: dg.AssetExecutionContext, storage: StorageResource,
                    provider: ProviderResource) -> dg.MaterializeResult:
         st, prov = storage.get(), provider.get()
-        for key in context.partition_keys:
-            tile, month = split_key(key)
-            s = materialize_composite(st, prov, sensor, tile, month)
-            context.log.info(f"{sensor} {tile} {month}: status={s['status']} valid={s['valid_fraction']} "
-                             f"version={s['data_version']} ({s['fetch_seconds']} s)")
-            context.add_asset_metadata(composite_partition_metadata(st, s, log=context.log), partition_key=key)
+        with completed_partitions(context) as done:  # a failure part-way records the partitions committed before it
+            for key in context.partition_keys:
+                tile, month = split_key(key)
+                s = materialize_composite(st, prov, sensor, tile, month)
+                context.log.info(f"{sensor} {tile} {month}: status={s['status']} valid={s['valid_fraction']} "
+                                 f"version={s['data_version']} ({s['fetch_seconds']} s)")
+                done[key] = composite_partition_metadata(st, s, log=context.log)
+                context.add_asset_metadata(done[key], partition_key=key)
         info = prov.describe()
         # what every partition of the run shares; the per-partition part is attached above
         return dg.MaterializeResult(metadata={"provider": info.get("provider", ""), "provider_config": compact(info),

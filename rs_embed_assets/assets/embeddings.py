@@ -17,6 +17,7 @@ from .lineage import embedding_partition_metadata, partition_check_events, parti
 from ..resources import model_resource_key
 from ..settings import enabled_models
 from .checkpoints import checkpoint_file_observation
+from .ranges import completed_partitions
 
 BACKFILL = dg.BackfillPolicy.multi_run(max_partitions_per_run=16)
 
@@ -90,14 +91,16 @@ def build_embedding_asset(model_id: str) -> dg.AssetsDefinition:
         if checkpoint["random_init"]:
             context.log.warning(f"{model_id}: checkpoint is RANDOM-INIT demo weights; embeddings are not meaningful")
         manifests = {}
-        for pkey in context.partition_keys:
-            tile, month = split_key(pkey)
-            m = materialize_embeddings(storage, adapter, tile, month, checkpoint, model_res.settings(),
-                                       log_fn=context.log.debug)
-            manifests[pkey] = m
-            context.log.info(f"{model_id} {tile} {month}: {m['rows']} chips in {m['seconds']} s "
-                             f"({m['chips_per_s']} chips/s) frames={m['frame_months']}")
-            context.add_asset_metadata(embedding_partition_metadata(storage, m, log=context.log), partition_key=pkey)
+        with completed_partitions(context) as done:  # a failure part-way records the partitions committed before it
+            for pkey in context.partition_keys:
+                tile, month = split_key(pkey)
+                m = materialize_embeddings(storage, adapter, tile, month, checkpoint, model_res.settings(),
+                                           log_fn=context.log.debug)
+                manifests[pkey] = m
+                context.log.info(f"{model_id} {tile} {month}: {m['rows']} chips in {m['seconds']} s "
+                                 f"({m['chips_per_s']} chips/s) frames={m['frame_months']}")
+                done[pkey] = embedding_partition_metadata(storage, m, log=context.log)
+                context.add_asset_metadata(done[pkey], partition_key=pkey)
         # only what every partition of the run shares goes to the run-wide part
         yield dg.MaterializeResult(metadata={"checkpoint_source": str(checkpoint["source_uri"])})
         yield from partition_check_events(context, key, {
