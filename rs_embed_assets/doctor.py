@@ -164,12 +164,14 @@ class Doctor:
         for model_dir in sorted(p for p in base.iterdir() if p.is_dir()):
             model = model_dir.name
             referenced: set[Path] = set()
+            unreadable: set[tuple[str, str]] = set()  # (tile, month): their grids are not leftovers
             for vec in sorted((model_dir / "vectors").glob("*/*.parquet")):
                 month, tile = vec.parent.name, vec.stem
                 what = f"embeddings/{model} {tile} {month}"
                 try:
                     manifest = _footer_manifest(vec)
                 except Exception as exc:
+                    unreadable.add((tile, month))
                     yield self._finding("damaged", vec, f"{what}: {exc}; re-materialise {what}")
                     continue
                 grid = manifest.get("grid_path")
@@ -188,6 +190,8 @@ class Doctor:
                 tile, month = versions.parent.name, versions.name
                 if versions.suffix == ".zarr":
                     yield self._finding("old_layout", versions, "grid store of the previous layout (<month>.zarr)")
+                    continue
+                if (tile, month) in unreadable:
                     continue
                 committed = (model_dir / "vectors" / month / f"{tile}.parquet").exists()
                 for v in sorted(versions.iterdir()):

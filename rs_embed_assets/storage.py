@@ -244,6 +244,9 @@ class Storage:
                 if attempt:
                     raise StorageError(f"grid {path} named by the manifest of {model} {tile} {month} is gone; "
                                        "re-materialise the partition (or run `rs-embed-assets doctor`)") from None
+            except (ValueError, KeyError) as exc:  # damaged metadata (.zmetadata, .zarray): name the store
+                raise StorageError(f"grid store {path} cannot be opened ({type(exc).__name__}: {exc}); re-materialise "
+                                   f"embeddings/{model} {tile} {month} (or run `rs-embed-assets doctor`)") from None
         raise AssertionError("unreachable")
 
     def commit_vectors(self, staged_parquet: Path, model: str, tile: str, month: str) -> Path:
