@@ -311,6 +311,12 @@ def add_doctor_parser(sub, data_root_default: str) -> None:
     d.set_defaults(func=cmd_doctor)
 
 
+def cmd_cluster(args) -> int:
+    from .cluster import main as cluster_main
+
+    return cluster_main(args.action)
+
+
 def main(argv: list[str] | None = None) -> int:
     data_root_default = os.environ.get("RS_EMBED_ASSETS_DATA_ROOT", "data")
     p = argparse.ArgumentParser(prog="rs-embed-assets", description=__doc__)
@@ -369,6 +375,11 @@ def main(argv: list[str] | None = None) -> int:
     e.set_defaults(func=cmd_export)
 
     add_doctor_parser(sub, data_root_default)
+
+    c = sub.add_parser("cluster", help="the distributed profile on 127.0.0.1: Postgres, Redis, Celery gpu/imagery "
+                                       "workers, daemon and webserver (docs/deployment.md)")
+    c.add_argument("action", choices=["up", "down", "status"])
+    c.set_defaults(func=cmd_cluster)
 
     args = p.parse_args(argv)
     try:

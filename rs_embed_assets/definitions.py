@@ -8,6 +8,7 @@ from .assets.composites import composite_assets
 from .assets.embeddings import embedding_assets
 from .automation import aoi_tiles_sensor, catalog_automation, monthly_automation, tile_keys_sensor
 from .resources import default_resources
+from . import routing
 
 partitioned_selection = dg.AssetSelection.groups("composites", "embeddings")
 
@@ -23,4 +24,5 @@ defs = dg.Definitions(
     jobs=[embed_job],
     sensors=[aoi_tiles_sensor, tile_keys_sensor, monthly_automation, catalog_automation],
     resources=default_resources(),
+    executor=routing.executor(),  # RS_EMBED_ASSETS_EXECUTOR: in_process (default), multiprocess, celery
 )

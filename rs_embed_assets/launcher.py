@@ -55,9 +55,18 @@ class LocalRunLauncher(DefaultRunLauncher):
         if found is None:
             return CheckRunHealthResult(WorkerStatus.RUNNING, "run worker has not reported its pid yet")
         pid, started_at = found
-        if process_alive_since(pid, started_at):
-            return CheckRunHealthResult(WorkerStatus.RUNNING)
-        return CheckRunHealthResult(WorkerStatus.FAILED, f"run worker process {pid} is gone (killed or crashed)")
+        if not process_alive_since(pid, started_at):
+            return CheckRunHealthResult(WorkerStatus.FAILED, f"run worker process {pid} is gone (killed or crashed)")
+        dead = dead_step_workers(self._instance, run.run_id)
+        if dead:
+            # a step executor (e.g. a Celery worker) died mid-step: its result will never come and the run
+            # worker would wait for ever. Interrupt the run worker (the executor then revokes what it
+            # submitted and the run ends FAILED), and report the run failed.
+            step_key, step_pid = dead[0]
+            _terminate(pid)
+            return CheckRunHealthResult(WorkerStatus.FAILED, f"the process {step_pid} executing step {step_key} is "
+                                                             "gone (killed or crashed)")
+        return CheckRunHealthResult(WorkerStatus.RUNNING)
 
 
 def run_worker_pid(instance: Any, run_id: str) -> tuple[int, float] | None:
@@ -71,6 +80,38 @@ def run_worker_pid(instance: Any, run_id: str) -> tuple[int, float] | None:
             if pid_text.isdigit():
                 return int(pid_text), entry.timestamp
     return None
+
+
+_STEP_DONE = (DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE, DagsterEventType.STEP_SKIPPED,
+              DagsterEventType.STEP_UP_FOR_RETRY)
+
+
+def dead_step_workers(instance: Any, run_id: str) -> list[tuple[str, int]]:
+    """Steps of the run that started in another process (Celery worker, step subprocess) that is now gone."""
+    started: dict[str, tuple[int, float]] = {}
+    done: set[str] = set()
+    for record in instance.get_records_for_run(run_id, limit=5000).records:
+        entry = record.event_log_entry
+        event = entry.dagster_event
+        if event is None or not event.step_key:
+            continue
+        if event.event_type in _STEP_DONE:
+            done.add(event.step_key)
+        elif event.event_type in (DagsterEventType.STEP_START, DagsterEventType.ENGINE_EVENT) and event.pid:
+            if event.event_type == DagsterEventType.STEP_START or "in celery worker" in (event.message or ""):
+                started[event.step_key] = (event.pid, entry.timestamp)
+    return [(key, pid) for key, (pid, at) in started.items()
+            if key not in done and not process_alive_since(pid, at)]
+
+
+def _terminate(pid: int) -> None:
+    import os
+    import signal
+
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def process_alive_since(pid: int, started_before: float) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import dagster as dg
 
 from .composite import parse_month
@@ -11,6 +13,23 @@ TILES = dg.DynamicPartitionsDefinition(name="tiles")
 START_MONTH = start_month()  # RS_EMBED_ASSETS_START_MONTH, validated (the error names the variable)
 MONTHS = dg.MonthlyPartitionsDefinition(start_date=f"{START_MONTH}-01", end_offset=0)
 TILE_MONTH = dg.MultiPartitionsDefinition({"month": MONTHS, "tile": TILES})
+
+
+def partitions_per_run() -> int:
+    """Tile-months per backfill run (RS_EMBED_ASSETS_PARTITIONS_PER_RUN, default 500).
+
+    A backfill over tiles × months is split by Dagster into one range per month (the dimension with
+    fewer keys), each cut into runs of at most this many tiles; every run loads each model once and
+    embeds all its partitions. Large batches keep the run count (and the daemon's planning time,
+    ~1 run creation each) small: 1,500 tiles × 12 months = 36 runs per wave at 500.
+    """
+    raw = os.environ.get("RS_EMBED_ASSETS_PARTITIONS_PER_RUN", "").strip() or "500"
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"RS_EMBED_ASSETS_PARTITIONS_PER_RUN={raw!r} must be a whole number >= 1 (default 500)")
+    return int(raw)
+
+
+BATCH_POLICY = dg.BackfillPolicy.multi_run(max_partitions_per_run=partitions_per_run())
 
 
 def add_tiles(instance: dg.DagsterInstance, keys: list[str]) -> list[str]:

@@ -131,3 +131,38 @@ def _json(env, name: str, kind: type, default: Any, example: str) -> Any:
         raise RoutingError(f"{name} must be a JSON {'object' if kind is dict else 'list'}, got "
                            f"{type(value).__name__}; {example}")
     return value
+
+
+EXECUTORS = ("in_process", "multiprocess", "celery")
+
+
+def executor():
+    """The executor of every job, chosen by RS_EMBED_ASSETS_EXECUTOR (a deployment setting).
+
+    - ``in_process`` (default): every step of a run in the run worker. The code location is imported
+      once per run (without torch; a model loads when its step runs and stays loaded for the run), so a
+      batch run adds one process start, not one per step.
+    - ``multiprocess``: one process per step (Dagster's default), steps of a run in parallel.
+    - ``celery``: steps go to Celery workers by their ``dagster-celery/queue`` tag (``gpu``, ``imagery``,
+      ``dagster``); broker and result backend from RS_EMBED_ASSETS_CELERY_BROKER / _BACKEND
+      (default ``redis://127.0.0.1:16379/0``, what ``rs-embed-assets cluster up`` starts).
+    """
+    import dagster as dg
+
+    kind = os.environ.get("RS_EMBED_ASSETS_EXECUTOR", "").strip() or "in_process"
+    if kind == "in_process":
+        return dg.in_process_executor
+    if kind == "multiprocess":
+        return dg.multiprocess_executor
+    if kind == "celery":
+        from dagster_celery import celery_executor
+
+        # by variable name, so a broker password never enters the job's config snapshot
+        config = {name: ({"env": var} if os.environ.get(var, "").strip() else DEFAULT_BROKER)
+                  for name, var in (("broker", "RS_EMBED_ASSETS_CELERY_BROKER"),
+                                    ("backend", "RS_EMBED_ASSETS_CELERY_BACKEND"))}
+        return celery_executor.configured(config, name="celery_executor")
+    raise RoutingError(f"RS_EMBED_ASSETS_EXECUTOR={kind!r} is not one of {', '.join(EXECUTORS)}")
+
+
+DEFAULT_BROKER = "redis://127.0.0.1:16379/0"

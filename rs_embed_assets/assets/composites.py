@@ -6,12 +6,12 @@ from .. import routing
 from ..automation import composite_condition
 from ..composite import SENSORS
 from ..materialize import materialize_composite
-from ..partitions import TILE_MONTH, split_key
+from ..partitions import BATCH_POLICY, TILE_MONTH, split_key
 from ..resources import ProviderResource, StorageResource
 from .lineage import compact, composite_partition_metadata
 from .ranges import completed_partitions
 
-BACKFILL = dg.BackfillPolicy.multi_run(max_partitions_per_run=16)
+BACKFILL = BATCH_POLICY  # one policy for composites and embeddings, so they share runs (partitions.py)
 MONTHLY_CRON = "0 4 3 * *"  # 04:00 on the 3rd: the previous month is complete
 
 

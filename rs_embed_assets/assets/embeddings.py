@@ -12,14 +12,14 @@ from .. import routing
 from ..automation import embedding_condition
 from ..embedding import code_version
 from ..materialize import materialize_embeddings
-from ..partitions import TILE_MONTH, split_key
+from ..partitions import BATCH_POLICY, TILE_MONTH, split_key
 from .lineage import embedding_partition_metadata, partition_check_events, partition_check_spec, vectors_column_schema
 from ..resources import model_resource_key
 from ..settings import enabled_models
 from .checkpoints import checkpoint_file_observation
 from .ranges import completed_partitions
 
-BACKFILL = dg.BackfillPolicy.multi_run(max_partitions_per_run=16)
+BACKFILL = BATCH_POLICY  # one policy for composites and embeddings, so they share runs (partitions.py)
 
 
 def _frames(model_id: str) -> int:
