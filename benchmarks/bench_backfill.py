@@ -113,8 +113,10 @@ def plan(tiles: list[str], months: list[str], design: str, log: logging.Logger) 
                 list(execute_backfill_iteration(ctx, log))
                 b = instance.get_backfill(bf.backfill_id)
                 requested = b.asset_backfill_data.requested_subset
+                print(f"{label}: iteration {iterations} done at {time.perf_counter() - t0:.1f} s, "
+                      f"{instance.get_runs_count()} runs", file=sys.stderr, flush=True)
                 if b.status != BulkActionStatus.REQUESTED or all(
-                        len(requested.get_partitions_subset(k, graph)) >= len(names) for k in keys):
+                        len(requested.get_partitions_subset(k)) >= len(names) for k in keys):
                     break
             elapsed = time.perf_counter() - t0
             runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/backfill": bf.backfill_id}))
