@@ -15,6 +15,8 @@ def _shipped_op_tags() -> dict[dg.AssetKey, dict]:
 
     out = {}
     for assets_def in defs.assets:
+        if not isinstance(assets_def, dg.AssetsDefinition) or not assets_def.is_executable:
+            continue  # source assets have no step to route
         for key in assets_def.keys:
             out[key] = dict(assets_def.op.tags)
     return out
