@@ -27,13 +27,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import sys
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rs_embed_assets import search
-from rs_embed_assets.embedding import vectors_schema
-from rs_embed_assets.storage import Storage
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, not another install
+from rs_embed_assets import search  # noqa: E402
+from rs_embed_assets.embedding import vectors_schema  # noqa: E402
+from rs_embed_assets.storage import Storage  # noqa: E402
 
 ROWS_PER_FILE = 2401  # a whole S2 tile at 224 px chips
 MONTHS = [f"2024-{m:02d}" for m in range(1, 13)]
