@@ -308,3 +308,14 @@ def test_a_builder_killed_before_the_swap_leaves_the_old_catalog_and_the_next_bu
     assert list((root / ".staging").glob("catalog.duckdb.*.tmp"))  # the killed builder's verified file
     build(root)
     assert list((root / ".staging").iterdir()) == []
+
+
+def test_verification_refuses_a_catalog_that_does_not_hold_what_was_planned(root):
+    from rs_embed_assets.catalog import plan_catalog, verify_catalog
+
+    build(root)
+    plan = plan_catalog(Storage(root), MODELS)
+    plan.rows["fomo"] += 1  # e.g. a file that changed between planning and the verifying reopen
+    with connect_readonly(root / "catalog.duckdb") as con:
+        with pytest.raises(CatalogError, match=f"vectors_fomo has {FOMO_ROWS} rows, its files hold {FOMO_ROWS + 1}"):
+            verify_catalog(con, plan)
