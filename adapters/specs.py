@@ -54,6 +54,9 @@ class ModelSpec:
     source_resolution_m: float = 10.0
     licence: str = ""
     paper: str = ""
+    # CUDA defaults fit a 24 GB card: the largest power of two <= min(0.5 × (24 GiB − weights − 1 GiB) /
+    # measured activations per chip, 512 MiB / host bytes per chip, 512); the arithmetic and the
+    # measurements are in benchmarks/bench_activation_memory.py and the README ("GPU and precision").
     default_batch_size: Mapping[str, int] = field(default_factory=lambda: {"cpu": 8, "cuda": 64})
 
     @property
@@ -141,6 +144,7 @@ FOMO = ModelSpec(
                                 min_bytes=50 * 1024 * 1024, env_prefix="RS_EMBED_FOMO"),
     licence="MIT (FoMo-Bench)",
     paper="Bountos et al., FoMo-Bench (2024)",
+    default_batch_size={"cpu": 8, "cuda": 512},  # 4.3 MB activations, 0.24 MB host per chip: the 512 cap
 )
 
 
@@ -170,7 +174,7 @@ SCALEMAE_RGB = ModelSpec(
     licence="see the MVRL/scalemae-vitlarge-800 model card (not verified offline)",
     paper="Reed et al., Scale-MAE: A Scale-Aware Masked Autoencoder for Multiscale Geospatial "
           "Representation Learning (ICCV 2023)",
-    default_batch_size={"cpu": 8, "cuda": 32},
+    default_batch_size={"cpu": 8, "cuda": 256},  # 9.8 MB activations, 1.34 MB host per chip (host-bound)
 )
 
 
@@ -195,9 +199,10 @@ AGRIFM = ModelSpec(
                                 file_format="mmengine", env_prefix="RS_EMBED_AGRIFM"),
     licence="Apache-2.0 (flyakon/AgriFM)",
     paper="Li et al., AgriFM: A Multi-source Temporal Remote Sensing Foundation Model for Crop Mapping (2025)",
-    # ~136 GFLOPs per 8×224² sample; inference activations are ~0.1 GB per sample (stage-0 attention
-    # 256 windows × 4 heads × 98² + the 4×128 MLP on 25k tokens), so 64 fits well inside a 40-80 GB GPU.
-    default_batch_size={"cpu": 8, "cuda": 64},
+    # ~136 GFLOPs per 8×224² sample; measured float32 activations 214 MB per sample (stage 0: 25k tokens,
+    # the 4×128 MLP and 256 windows × 4 heads × 98² logits), so 32 would fit 24 GB; the 16 MB input per
+    # sample (8 frames × 10 bands × 224²) makes the host bound (512 MiB a batch) the tighter one.
+    default_batch_size={"cpu": 8, "cuda": 16},
 )
 
 
@@ -224,9 +229,9 @@ DYNAMICVIS = ModelSpec(
           "image understanding (2025)",
     # CPU (2 cores, measured): B=1 takes ~2.5 s warm and +0.12 GB peak, B=4 ~1.5 s/image and +0.36 GB (the
     # chunked scan processes channel blocks of ~4 MB, so memory grows only with activations); larger CPU
-    # batches add latency without throughput. CUDA: activations are ~10 MB/image at 512 px and the scan
-    # state is blocked (torch) or never materialised (mamba_ssm), so 32 fits easily.
-    default_batch_size={"cpu": 4, "cuda": 32},
+    # batches add latency without throughput. CUDA: measured activations 45 MB per 512 px image (torch
+    # scan; mamba_ssm never materialises the state), host 3.75 MB per image: 128 on a 24 GB card.
+    default_batch_size={"cpu": 4, "cuda": 128},
 )
 
 
@@ -246,7 +251,7 @@ model_id="terrafm_b", checkpoint_id="terrafm_b", description="", sensor="s2", ba
 chip_size=224, image_size=224, embed_dim=768, grid_size=14, checkpoint=TERRAFM_CHECKPOINT,
 licence="see the MBZUAI/TerraFM model card (not verified offline)",
 paper="Danish et al., TerraFM: A Scalable Foundation Model for Unified Multisensor Earth Observation (2025)",
-default_batch_size={"cpu": 8, "cuda": 64},
+default_batch_size={"cpu": 8, "cuda": 128},  # 8.7 MB activations, 2.9 MB host per chip (host-bound)
 )
 
 TERRAFM_B = dataclasses.replace(
@@ -256,6 +261,7 @@ description="TerraFM-B on the 12-band Sentinel-2 L2A composite: pooled = CLS tok
 
 TERRAFM_B_S1 = dataclasses.replace(
 _TERRAFM_SPEC, model_id="terrafm_b_s1", sensor="s1", bands=TERRAFM_S1_BANDS,
+default_batch_size={"cpu": 8, "cuda": 512},  # 2 input bands: 6.7 MB activations, 0.96 MB host per chip
 description="TerraFM-B on the Sentinel-1 VV/VH (linear) composite: log1p + 99th-percentile scaling "
             "(RS_EMBED_TERRAFM_S1_SCALING), pooled = CLS after the final norm, grid = normed patch tokens.")
 

@@ -8,11 +8,11 @@ caching allocator must hold for the same forward, save for kernel workspaces, so
 
     budget = 0.5 × (card memory − weights − 1 GiB CUDA context)   (half kept free: workspaces, fragmentation)
     batch  = largest power of two ≤ min(budget / per-chip activation bytes,
-                                        512 MiB / per-chip input bytes, 512)
+                                        512 MiB / per-chip host bytes, 512)
 
 The second bound is host memory: a batch is preprocessed on the host at the network's input size
-(float32) and up to four are in flight (prefetch queue, the copy ahead, the forward), so a batch
-stays under 512 MiB of pinned host memory whatever the card.
+(float32) and its pooled vectors and grid come back to the host (float32); up to four batches are in
+flight (prefetch queue, the copy ahead, the forward), so a batch stays under 512 MiB whatever the card.
 
 The measurement is float32; bfloat16 autocast keeps activations in 16 bit, so the float32 figure is
 the bound for every ``RS_EMBED_DTYPE``. On CPU AgriFM uses the explicit window attention (its logits
@@ -39,13 +39,22 @@ from bench_partition import MODELS, RESULTS, machine  # noqa: E402
 GIB = 2**30
 CAP = 512
 HOST_BATCH_BYTES = 512 * 2**20
+RULE = ("batch = largest power of two <= min((0.5 * (card - weights - 1 GiB) - fixed) / per-chip activations, "
+        f"512 MiB / per-chip host bytes (input + pooled + grid, float32), {CAP})")
 
 
-def suggested_batch(card_gib: float, weights_bytes: int, fixed_bytes: int, per_chip_bytes: int,
-                    input_bytes: int) -> int:
+def suggested_batch(card_gib: float, weights_bytes: float, fixed_bytes: float, per_chip_bytes: float,
+                    host_bytes: float) -> int:
     budget = 0.5 * (card_gib * GIB - weights_bytes - GIB) - fixed_bytes
-    n = max(1, min(int(budget // max(per_chip_bytes, 1)), HOST_BATCH_BYTES // max(input_bytes, 1), CAP))
+    n = max(1, min(int(budget // max(per_chip_bytes, 1)), int(HOST_BATCH_BYTES // max(host_bytes, 1)), CAP))
     return 1 << (n.bit_length() - 1)
+
+
+def batch_columns(row: dict) -> dict:
+    mb = 2**20
+    return {f"batch_{card}gb": suggested_batch(card, row["weights_mb"] * mb, row["fixed_activation_mb"] * mb,
+                                               row["per_chip_activation_mb"] * mb, row["host_mb_per_chip"] * mb)
+            for card in (24, 48, 80, 141)}
 
 
 def peak_live_bytes(fn) -> int:
@@ -106,28 +115,45 @@ def measure(model_id: str, root: Path) -> dict:
     per_chip = peaks[2] - peaks[1]
     fixed = max(0, peaks[1] - per_chip)
     row = {"model": model_id, "weights_mb": round(weights / 2**20, 1), "per_chip_activation_mb": round(per_chip / 2**20, 2),
-           "fixed_activation_mb": round(fixed / 2**20, 2), "input_mb_per_chip": round(4 * int(np.prod(shape)) / 2**20, 2),
+           "fixed_activation_mb": round(fixed / 2**20, 2),
+           "host_mb_per_chip": round(4 * (int(np.prod(shape)) + spec.embed_dim * (1 + spec.grid_size**2)) / 2**20, 2),
            "spec_default_cuda": spec.default_batch_size.get("cuda")}
-    for card in (24, 40, 80, 141):
-        row[f"batch_{card}gb"] = suggested_batch(card, weights, fixed, per_chip, 4 * int(np.prod(shape)))
-    return row
+    return {**row, **batch_columns(row)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--recompute", action="store_true", help="only re-derive the batch columns of the results file")
     args = ap.parse_args()
+    path = RESULTS / "activation_memory_cpu.json"
+    if args.recompute:
+        import adapters
+
+        res = json.loads(path.read_text())
+        for row in res["models"]:
+            spec = adapters.get_spec(row["model"])
+            frames = spec.configured_frames() if spec.frames > 1 else 1
+            inp = frames * len(spec.bands) * spec.chip_size ** 2
+            row["host_mb_per_chip"] = round(4 * (inp + spec.embed_dim * (1 + spec.grid_size ** 2)) / 2**20, 2)
+            row.pop("input_mb_per_chip", None)
+            row["spec_default_cuda"] = spec.default_batch_size.get("cuda")
+            for k in [k for k in row if k.startswith("batch_")]:
+                row.pop(k)
+            row.update(batch_columns(row))
+        res["rule"] = RULE
+        path.write_text(json.dumps(res, indent=2) + "\n")
+        print(json.dumps(res["models"], indent=1))
+        return
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-actmem-") as root:
         for model_id in args.models.split(","):
             row = measure(model_id, Path(root))
             rows.append(row)
             print(json.dumps(row), flush=True)
-    res = {"rule": "batch = largest power of two <= min((0.5 * (card - weights - 1 GiB) - fixed) / per_chip, "
-                   f"512 MiB / input bytes per chip, {CAP})", "dtype": "float32 (the bound for bfloat16/float16 autocast too)", "models": rows,
+    res = {"rule": RULE, "dtype": "float32 (the bound for bfloat16/float16 autocast too)", "models": rows,
            "machine": machine()}
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "activation_memory_cpu.json"
     path.write_text(json.dumps(res, indent=2) + "\n")
     print(f"wrote {path}")
 

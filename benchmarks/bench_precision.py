@@ -130,6 +130,7 @@ def main() -> None:
     ap.add_argument("--chips", type=int, default=None, help="chips per model (default: 32 FoMo, 8 at 224 px, 4 "
                                                             "AgriFM / DynamicVis on CPU; 64 / 16 on CUDA)")
     ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--merge", action="store_true", help="replace only these models' rows in the results file")
     args = ap.parse_args()
     import adapters
 
@@ -147,11 +148,15 @@ def main() -> None:
             row["wall_s"] = round(time.perf_counter() - t, 1)
             rows.append(row)
             print(json.dumps(row), flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"precision_{'cuda' if cuda else 'cpu'}.json"
+    if args.merge and path.is_file():  # keep the other models' rows of an earlier run
+        done = {r["model"] for r in rows}
+        rows = [r for r in json.loads(path.read_text())["models"] if r["model"] not in done] + rows
+        rows.sort(key=lambda r: MODELS.index(r["model"]) if r["model"] in MODELS else len(MODELS))
     res = {"tile": TILE, "month": MONTH, "device": args.device, "weights": "deterministic random (seed 0), full size",
            "method": "torch.autocast around the forward; weights and outputs float32", "models": rows,
            "machine": machine()}
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"precision_{'cuda' if cuda else 'cpu'}.json"
     path.write_text(json.dumps(res, indent=2) + "\n")
     print(f"wrote {path}")
 

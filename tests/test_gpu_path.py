@@ -209,3 +209,17 @@ def test_compile_flag_compiles_or_falls_back_with_a_log_line(tmp_path, monkeypat
     torch.testing.assert_close(out.grid, ref.grid, rtol=1e-5, atol=1e-5)
     failed = ad._compiled.failed
     assert (failed is None) == ("torch.compile of fomo failed" not in caplog.text)
+
+
+def test_cuda_batch_defaults_follow_the_documented_rule_from_the_measured_activations():
+    """spec.default_batch_size["cuda"] is the 24 GB figure the rule derives from the committed measurement."""
+    import json
+    from pathlib import Path
+
+    import adapters
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "activation_memory_cpu.json"
+    rows = {r["model"]: r for r in json.loads(path.read_text())["models"]}
+    assert set(rows) == set(adapters.list_models())
+    for model_id, row in rows.items():
+        assert adapters.get_spec(model_id).default_batch_size["cuda"] == row["batch_24gb"], model_id

@@ -295,7 +295,7 @@ def test_env_knobs_and_spec(monkeypatch):
     assert adapters.get_adapter_class("scalemae_rgb") is ScaleMAEAdapter
     assert (spec.bands, spec.chip_size, spec.image_size, spec.embed_dim, spec.grid_size) == (RGB_BANDS, 224, 224,
                                                                                                1024, 14)
-    assert dict(spec.default_batch_size) == {"cpu": 8, "cuda": 32}
+    assert dict(spec.default_batch_size) == {"cpu": 8, "cuda": 256}
     src = spec.checkpoint
     assert (src.hf_repo, src.filename, src.env_prefix) == (
         "MVRL/scalemae-vitlarge-800", "pytorch_model.bin", "RS_EMBED_SCALEMAE")

@@ -332,7 +332,7 @@ def test_defaults_spec_and_provenance(monkeypatch):
         spec = cls.spec
         assert (spec.model_id, spec.checkpoint_id, spec.bands) == (model_id, "terrafm_b", bands)
         assert (spec.chip_size, spec.image_size, spec.embed_dim, spec.grid_size) == (224, 224, 768, 14)
-        assert dict(spec.default_batch_size) == {"cpu": 8, "cuda": 64}
+        assert dict(spec.default_batch_size) == {"cpu": 8, "cuda": 128 if model_id == "terrafm_b" else 512}
         src = spec.checkpoint
         assert (src.hf_repo, src.filename, src.env_prefix) == ("MBZUAI/TerraFM", "TerraFM-B.pth", "RS_EMBED_TERRAFM")
         assert 300e6 < src.min_bytes < 452e6
