@@ -90,6 +90,7 @@ def test_composite_versions_differ_per_partition(range_run):
     for pk in PARTITIONS:
         md = _meta(instance, S2, pk)
         assert pk == str(make_key(md["tile"], md["month"])) and md["tile"] in md["path"]
+        assert not {"partitions", "per_partition", "mean_valid_fraction"} & set(md), "no run-wide aggregates left"
 
 
 def test_partition_pages_carry_previews_sample_rows_and_schema(range_run):
