@@ -170,9 +170,10 @@ tags = {"dagster/asset_partition_range_start": str(make_key(tiles[0], months[0])
         "dagster/asset_partition_range_end": str(make_key(tiles[-1], months[-1]))}
 from dagster._core.execution.api import create_execution_plan
 plan = create_execution_plan(job, tags=tags, instance_ref=instance.get_ref())
-run = instance.create_run_for_job(job_def=job, execution_plan=plan, tags=tags, asset_selection=frozenset(sel))
 origin = JobPythonOrigin(job.name, RepositoryPythonOrigin(sys.executable, ModuleCodePointer(
     "rs_embed_assets.definitions", "defs", os.getcwd()), ), )
+run = instance.create_run_for_job(job_def=job, execution_plan=plan, tags=tags, asset_selection=frozenset(sel),
+                                  job_code_origin=origin)
 args = ExecuteRunArgs(job_origin=origin, run_id=run.run_id, instance_ref=instance.get_ref(), set_exit_code_on_failure=True)
 print(json.dumps({"run_id": run.run_id, "args": serialize_value(args)}))
 """
@@ -203,8 +204,8 @@ def run_overhead(n_tiles: int, n_months: int, log: logging.Logger) -> dict:
     first = {}
     for e in recs:
         t = e.dagster_event_type
-        if t is not None and t.value not in first:
-            first[t.value] = e.timestamp
+        if t is not None and t.name not in first:  # by name: RUN_START's stored value is PIPELINE_START
+            first[t.name] = e.timestamp
     run = instance.get_run_by_id(spec["run_id"])
     out = {
         "partitions": n_tiles * n_months, "tiles": n_tiles, "months": n_months,
@@ -212,7 +213,7 @@ def run_overhead(n_tiles: int, n_months: int, log: logging.Logger) -> dict:
         "status": run.status.value, "run_wall_s": round(wall, 2),
         "launch_to_run_start_s": round(first.get("RUN_START", t0) - t0, 2),
         "launch_to_first_step_start_s": round(first.get("STEP_START", t0) - t0, 2),
-        "steps": len([e for e in recs if e.dagster_event_type and e.dagster_event_type.value == "STEP_START"]),
+        "steps": len([e for e in recs if e.dagster_event_type == dg.DagsterEventType.STEP_START]),
     }
     if run.status.value != "SUCCESS":
         out["stderr_tail"] = proc.stderr[-2000:]
@@ -226,6 +227,7 @@ def main() -> None:
     ap.add_argument("--months", type=int, default=12)
     ap.add_argument("--design", choices=["tile", "zone"], default="tile")
     ap.add_argument("--skip-run", action="store_true", help="planning only")
+    ap.add_argument("--skip-plan", action="store_true", help="run overhead only")
     ap.add_argument("--label", default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -238,10 +240,12 @@ def main() -> None:
 
     result["dagster"] = dagster.__version__
     months = _months(args.months)
-    result["planning"] = plan(tile_keys(args.tiles), months, args.design, log)
+    if not args.skip_plan:
+        result["planning"] = plan(tile_keys(args.tiles), months, args.design, log)
     if not args.skip_run:
         result["run_overhead"] = run_overhead(4, 2, log)
-    label = args.label or f"{args.design}_{args.tiles}x{args.months}"
+    label = args.label or (f"run_overhead_{os.environ.get('RS_EMBED_ASSETS_EXECUTOR', 'in_process')}"
+                           if args.skip_plan else f"{args.design}_{args.tiles}x{args.months}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"backfill_{label}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")

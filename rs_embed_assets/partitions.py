@@ -16,16 +16,18 @@ TILE_MONTH = dg.MultiPartitionsDefinition({"month": MONTHS, "tile": TILES})
 
 
 def partitions_per_run() -> int:
-    """Tile-months per backfill run (RS_EMBED_ASSETS_PARTITIONS_PER_RUN, default 500).
+    """Tile-months per backfill run (RS_EMBED_ASSETS_PARTITIONS_PER_RUN, default 128).
 
     A backfill over tiles × months is split by Dagster into one range per month (the dimension with
     fewer keys), each cut into runs of at most this many tiles; every run loads each model once and
-    embeds all its partitions. Large batches keep the run count (and the daemon's planning time,
-    ~1 run creation each) small: 1,500 tiles × 12 months = 36 runs per wave at 500.
+    embeds all its partitions. Fewer, larger runs mean fewer run creations for the daemon, but while
+    the embedding checks are partitioned Dagster 1.13 stores one planned-check row per partition,
+    each holding the run's whole partition subset: creating a run costs O(n²) in its partitions
+    (≈ 20 s for 500 here). 128 balances the two (benchmarks/bench_backfill.py, README).
     """
-    raw = os.environ.get("RS_EMBED_ASSETS_PARTITIONS_PER_RUN", "").strip() or "500"
+    raw = os.environ.get("RS_EMBED_ASSETS_PARTITIONS_PER_RUN", "").strip() or "128"
     if not raw.isdigit() or int(raw) < 1:
-        raise ValueError(f"RS_EMBED_ASSETS_PARTITIONS_PER_RUN={raw!r} must be a whole number >= 1 (default 500)")
+        raise ValueError(f"RS_EMBED_ASSETS_PARTITIONS_PER_RUN={raw!r} must be a whole number >= 1 (default 128)")
     return int(raw)
 
 
