@@ -162,19 +162,7 @@ def composite_problems(stats: dict[str, int], *, sensor: str, recorded_valid_fra
     return problems
 
 
-# --- whole partitions (datasets in, problems out; the assets read them through Storage) ----------
-def check_composite(ds, *, sensor: str, label: str = "", block_rows: int = 1024) -> list[str]:
-    """``composite_problems`` over an xarray composite, read ``block_rows`` rows at a time (bounded memory)."""
-    height = ds.sizes["y"]
-    stats: dict[str, int] = {}
-    for y in range(0, height, block_rows):
-        sl = slice(y, min(y + block_rows, height))
-        stats = add_stats(stats, composite_block_stats(ds["data"][:, sl].values, ds["valid_count"][sl].values,
-                                                       sensor=sensor))
-    return composite_problems(stats, sensor=sensor, recorded_valid_fraction=ds.attrs.get("valid_fraction"),
-                              label=label)
-
-
+# --- whole partitions (read through Storage: verified) ----------------------------------------
 def check_embedding_partition(table, manifest: dict, *, dim: int, valid_masks: Sequence[np.ndarray] = (),
                               origin: tuple[float, float] | None = None, chips_expected: int | None = None,
                               label: str = "") -> list[str]:
@@ -225,3 +213,14 @@ def partition_problems(storage, model_id: str, manifest: dict, dim: int) -> list
         origin = (t[0], t[3])
     return check_embedding_partition(table, manifest, dim=dim, valid_masks=masks, origin=origin,
                                      chips_expected=expected, label=label)
+
+
+def composite_partition_problems(storage, sensor: str, tile: str, month: str) -> list[str]:
+    """Read one committed composite back (verified, block by block) and run ``composite_problems``."""
+    reader = storage.open_composite(sensor, tile, month)
+    stats: dict[str, int] = {}
+    for y0 in range(0, reader.height, reader.block_rows):
+        data, valid = reader.rows(y0, min(reader.height, y0 + reader.block_rows))
+        stats = add_stats(stats, composite_block_stats(data, valid, sensor=sensor))
+    return composite_problems(stats, sensor=sensor, recorded_valid_fraction=reader.record.get("valid_fraction"),
+                              label=f"{tile}/{month}")

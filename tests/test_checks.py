@@ -97,3 +97,21 @@ def test_s1_in_db_is_out_of_range_and_nan_chunk_is_empty():
     lost = good.copy()
     lost[:, :5] = np.nan
     assert "NaN in every band" in composite_problems(composite_block_stats(lost, vc, sensor="s1"), sensor="s1")[0]
+
+
+def test_composite_asset_checks_each_partition_it_wrote(tmp_path):
+    import dagster as dg
+
+    from rs_embed_assets.assets.composites import composite_assets
+    from rs_embed_assets.partitions import TILES, make_key
+    from rs_embed_assets.resources import ProviderResource, StorageResource
+
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(TILES.name, ["31UFU-k36-r21-c12"])
+    res = dg.materialize(composite_assets, selection=[dg.AssetKey("s2_composite"), dg.AssetKey("s1_composite")],
+                         instance=instance, partition_key=str(make_key("31UFU-k36-r21-c12", "2024-06")),
+                         resources={"storage": StorageResource(root=str(tmp_path)),
+                                    "provider": ProviderResource(kind="sample")})
+    evals = res.get_asset_check_evaluations()
+    assert sorted(e.asset_key.to_user_string() for e in evals) == ["s1_composite", "s2_composite"]
+    assert all(e.passed and e.check_name == "values_plausible" for e in evals), [e.metadata for e in evals]
