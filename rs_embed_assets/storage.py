@@ -310,10 +310,17 @@ class ZarrStoreWriter:
 
     def __init__(self, storage: Storage, hint: str, *, variables: dict[str, tuple], coords: dict[str, tuple],
                  attrs: dict[str, Any], crs_wkt: str, transform: Sequence[float]):
-        import zarr
-
         self.storage = storage
         self.path = storage.staging_path(hint)
+        try:
+            self._create(variables, coords, attrs, crs_wkt, transform)
+        except OSError as exc:
+            _remove(self.path)
+            raise _write_error(self.path, storage.root, exc) from exc
+
+    def _create(self, variables, coords, attrs, crs_wkt, transform) -> None:
+        import zarr
+
         self.group = zarr.open_group(str(self.path), mode="w", zarr_format=ZARR_FORMAT)
         self.group.attrs.update(_jsonable(attrs))
         crs = geo_attrs(crs_wkt, transform)
@@ -335,7 +342,10 @@ class ZarrStoreWriter:
             self.arrays[name] = arr
 
     def write(self, name: str, region: tuple[slice, ...], values: np.ndarray) -> None:
-        self.arrays[name][region] = values
+        try:
+            self.arrays[name][region] = values
+        except OSError as exc:  # zarr's chunk writes raise ENOSPC without a file name: name the store
+            raise _write_error(self.path, self.storage.root, exc) from exc
 
     def set_attrs(self, attrs: dict[str, Any]) -> None:
         self.group.attrs.update(_jsonable(attrs))
@@ -343,11 +353,19 @@ class ZarrStoreWriter:
     def publish(self, versions_dir: Path) -> Path:
         import zarr
 
-        zarr.consolidate_metadata(str(self.path), zarr_format=ZARR_FORMAT)
-        return self.storage.publish_version(self.path, versions_dir)
+        try:
+            zarr.consolidate_metadata(str(self.path), zarr_format=ZARR_FORMAT)
+            return self.storage.publish_version(self.path, versions_dir)
+        except OSError as exc:
+            raise _write_error(self.path, self.storage.root, exc) from exc
 
     def abort(self) -> None:
         _remove(self.path)
+
+
+def _write_error(path: Path, root: Path, exc: OSError) -> StorageError:
+    return StorageError(f"could not write {path}: {exc.strerror or exc}; check free space and permissions under "
+                        f"{root} (the partition keeps its previous version)")
 
 
 def _jsonable(attrs: dict[str, Any]) -> dict[str, Any]:
