@@ -25,10 +25,12 @@ def test_broken_composite_metadata_names_the_store_and_the_fix(root):  # noqa: F
     assert [(f.kind, f.path) for f in diagnose(root)] == [("damaged", st.rel(store))]
 
 
-def test_deleted_composite_chunk_is_refused_not_read_as_zeros(root):  # noqa: F811
+@pytest.mark.parametrize("variable", ["data", "valid_count"])
+def test_deleted_composite_chunk_is_refused_not_read_as_zeros(root, variable):  # noqa: F811
+    """The issue: a deleted data chunk embedded zeros as valid pixels; a deleted valid_count chunk gave 0 chips."""
     st = Storage(root)
     store = root / st.composite_record("s2", TILE, MONTH)["store"]
-    chunk = sorted((store / "data").glob("0.*"))[0]
+    chunk = sorted((store / variable).glob("0.*"))[0]
     chunk.unlink()
     with pytest.raises(StorageError, match="is damaged.*Re-materialise s2_composite"):
         st.open_composite("s2", TILE, MONTH).verify()
