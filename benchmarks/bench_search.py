@@ -171,6 +171,7 @@ def main() -> None:
     p.add_argument("--fomo-depth", type=int, default=4, help="FoMo blocks (12 = published size; fewer = faster)")
     p.add_argument("--tiles", type=int, default=4)
     p.add_argument("--months", type=int, default=4)
+    p.add_argument("--base-cache", help="keep the adapter base vectors in this .npy file between runs")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "search_cpu.json"))
     a = p.parse_args()
     import faiss
@@ -184,7 +185,13 @@ def main() -> None:
         for name in a.datasets.split(","):
             if name == "adapter":
                 t = time.perf_counter()
-                base = adapter_vectors(tmp / "embed", a.fomo_depth, a.tiles, a.months)
+                cache = Path(a.base_cache) if a.base_cache else None
+                if cache is not None and cache.exists():
+                    base = np.load(cache)
+                else:
+                    base = adapter_vectors(tmp / "embed", a.fomo_depth, a.tiles, a.months)
+                    if cache is not None:
+                        np.save(cache, base)
                 out["adapter_base"] = {"model": "fomo", "fomo_depth": a.fomo_depth, "weights": "random-init (seed 0)",
                                        "base_vectors": len(base), "seconds": round(time.perf_counter() - t, 1)}
                 vec = expand(base, a.n, rng)

@@ -310,14 +310,26 @@ class VectorIndex:
                     float(self.lat[ids[i]]), float(self.valid[ids[i]]), float(sims[i])) for i in order]
 
     def _exact(self, q: np.ndarray, ids: np.ndarray | None, block: int = 262_144) -> np.ndarray:
-        n = len(self) if ids is None else len(ids)
+        if ids is not None and len(ids) and self.vectors is not None:
+            lo, hi = int(ids[0]), int(ids[-1]) + 1
+            if hi - lo <= 4 * len(ids):  # rows are grouped by month: scan the covering slice, no gather
+                return self._exact_slice(q, lo, hi, block)[ids - lo]
+        if ids is None:
+            return self._exact_slice(q, 0, len(self), block)
+        return self._exact_rows(q, ids, block)
+
+    def _exact_rows(self, q: np.ndarray, ids: np.ndarray | None, block: int) -> np.ndarray:
+        n = len(ids)
         out = np.empty(n, np.float32)
         for s in range(0, n, block):
-            if ids is None and self.vectors is not None:  # contiguous rows of the memory map: no copy
-                out[s:s + block] = self.vectors[s:s + block] @ q
-            else:
-                sel = np.arange(s, min(n, s + block)) if ids is None else ids[s:s + block]
-                out[s:s + block] = self.rows_of(sel) @ q
+            out[s:s + block] = self.rows_of(ids[s:s + block]) @ q
+        return out
+
+    def _exact_slice(self, q: np.ndarray, lo: int, hi: int, block: int) -> np.ndarray:
+        out = np.empty(hi - lo, np.float32)
+        for s in range(lo, hi, block):  # contiguous rows of the memory map: views, no copy
+            e = min(hi, s + block)
+            out[s - lo:e - lo] = (self.vectors[s:e] if self.vectors is not None else self.rows_of(np.arange(s, e))) @ q
         return out
 
     def _candidates(self, q: np.ndarray, n: int, mask: np.ndarray | None, nprobe: int) -> np.ndarray:
