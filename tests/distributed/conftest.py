@@ -143,4 +143,4 @@ def run_status(home: Path, run_id: str) -> dg.DagsterRunStatus:
 
 @pytest.fixture
 def tile_keys():
-    return ["31UFU-k9-r4-c4", "31UFU-k9-r4-c5"]
+    return ["31UFU-k9-r04-c04", "31UFU-k9-r04-c05"]
