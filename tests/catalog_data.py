@@ -63,3 +63,15 @@ def rewrite_vectors(path: Path, *, rows: int | None = None, manifest: dict | Non
     if manifest:
         meta[b"rs_embed_assets"] = json.dumps({**json.loads(meta[b"rs_embed_assets"]), **manifest}).encode()
     pq.write_table(table.replace_schema_metadata(meta), path)
+
+
+def shared_materialisation(tmp_path_factory) -> Path:
+    """One materialisation per test session, shared by the catalog test modules (read-only: copy it)."""
+    base = tmp_path_factory.getbasetemp() / "catalog-made"
+    root = base / "data"
+    if not (base / "done").exists():
+        if base.exists():
+            shutil.rmtree(base)
+        materialise(root)
+        (base / "done").touch()
+    return root

@@ -16,7 +16,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from catalog_data import FOMO_ROWS, MODELS, MONTHS, ROWS_PER_TILE, TILES, copy_root, materialise, rewrite_vectors
+from catalog_data import (FOMO_ROWS, MODELS, MONTHS, ROWS_PER_TILE, TILES, copy_root, rewrite_vectors,
+                          shared_materialisation)
 from rs_embed_assets.catalog import CatalogError, build_catalog, catalog_status, connect_readonly, similar_chips
 from rs_embed_assets.storage import Storage
 
@@ -25,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory) -> Path:
-    return materialise(tmp_path_factory.mktemp("made") / "data")
+    return shared_materialisation(tmp_path_factory)
 
 
 @pytest.fixture

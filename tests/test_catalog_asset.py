@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 import dagster as dg
 import pytest
 
-from catalog_data import ENV, FOMO_ROWS, copy_root, materialise, rewrite_vectors
+from catalog_data import ENV, FOMO_ROWS, copy_root, rewrite_vectors, shared_materialisation
 from rs_embed_assets.assets.catalog import CATALOG_AUTOMATION, catalog, catalog_current
 from rs_embed_assets.assets.checkpoints import build_checkpoint_asset
 from rs_embed_assets.assets.composites import composite_assets
@@ -24,8 +25,8 @@ def _env(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory):
-    return materialise(tmp_path_factory.mktemp("made") / "data")
+def made(tmp_path_factory) -> Path:
+    return shared_materialisation(tmp_path_factory)
 
 
 def graph():

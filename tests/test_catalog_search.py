@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from catalog_data import MODELS, copy_root, materialise
+from catalog_data import MODELS, copy_root, shared_materialisation
 from rs_embed_assets import search
 from rs_embed_assets.catalog import build_catalog, connect_readonly
 from rs_embed_assets.embedding import vectors_schema
@@ -18,8 +19,8 @@ from rs_embed_assets.storage import Storage
 
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory):
-    return materialise(tmp_path_factory.mktemp("made") / "data")
+def made(tmp_path_factory) -> Path:
+    return shared_materialisation(tmp_path_factory)
 
 
 def write_partition(storage: Storage, model: str, tile: str, month: str, vec: np.ndarray,

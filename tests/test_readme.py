@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from catalog_data import MODELS, materialise
+from catalog_data import MODELS, copy_root, shared_materialisation
 from rs_embed_assets import search
 from rs_embed_assets.catalog import build_catalog
 from rs_embed_assets.storage import Storage
@@ -28,7 +28,7 @@ def blocks(lang: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
-    root = materialise(tmp_path_factory.mktemp("demo") / "data")
+    root = copy_root(shared_materialisation(tmp_path_factory), tmp_path_factory.mktemp("demo") / "data")
     storage = Storage(root)
     build_catalog(storage, models=MODELS)
     search.build_index(storage, "fomo")
