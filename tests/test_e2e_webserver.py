@@ -100,7 +100,8 @@ def test_ui_backfill_materialises_partitions_and_catalog(dagster_dev):
     url, tmp = dagster_dev
     # what the UI's asset graph shows: groups, kinds and descriptions for every asset
     nodes = {"/".join(n["assetKey"]["path"]): n for n in _gql(url, GRAPH, {})["assetNodes"]}
-    assert set(nodes) == {"checkpoint/fomo", "s2_composite", "s1_composite", "embeddings/fomo", "catalog"}
+    assert set(nodes) == {"checkpoint_file/fomo", "checkpoint/fomo", "s2_composite", "s1_composite", "embeddings/fomo",
+                          "catalog"}  # checkpoint_file: the weights file, observed by sha256
     assert nodes["embeddings/fomo"]["groupName"] == "embeddings" and nodes["embeddings/fomo"]["isPartitioned"]
     assert {"pytorch", "parquet", "zarr"} <= set(nodes["embeddings/fomo"]["kinds"])
     assert nodes["s2_composite"]["groupName"] == "composites" and "zarr" in nodes["s2_composite"]["kinds"]
