@@ -59,10 +59,10 @@ if [ "$DRY" = 1 ]; then
        --models fomo --tile 31UFU-k36-r21-c12 --repeats 1
 else
   # the CUDA tests, then the CPU tests of the same paths (incl. the torch.compile one)
-  step tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/gpu tests/test_gpu_path.py
+  step tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/gpu tests/test_gpu_path.py
   step precision 100 "$PY" benchmarks/bench_precision.py --device cuda
   # a 1372 px sub-tile: 441 FoMo chips, 36 at 224 px, 4 at 512 px; composites for AgriFM's 8 months
-  step pipeline 230 env RS_EMBED_DTYPE=bfloat16 "$PY" benchmarks/bench_partition.py pipeline --device cuda \
+  step pipeline 210 env RS_EMBED_DTYPE=bfloat16 "$PY" benchmarks/bench_partition.py pipeline --device cuda \
        --peak-tflops 989 --tile 31UFU-k4-r01-c01 --repeats 2
 fi
 echo "total $(( $(date +%s) - START ))s failed=$FAILED results in $OUT" | tee -a "$SUMMARY"
