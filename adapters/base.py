@@ -140,7 +140,11 @@ class DeviceFeeder:
 
     def iter_on_device(self, items):
         """``(key, host batch)`` pairs -> ``(key, device batch)``, the next batch's copy started before
-        the current batch is handed to the model (so it runs while the model computes)."""
+        the current batch is handed to the model (so it runs while the model computes). Without
+        overlap the batches pass straight through."""
+        if not self.overlap:
+            yield from items
+            return
         prev = None
         for key, x in items:
             handle = self.submit(x)

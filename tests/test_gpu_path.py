@@ -146,8 +146,9 @@ def test_device_feeder_without_cuda_is_a_pass_through():
     assert not feeder.overlap and feeder.host_device is None
     x = torch.ones(2, 3)
     assert feeder.pin(x) is x
-    out = list(feeder.iter_on_device([("a", x)]))
-    assert out[0][0] == "a" and out[0][1] is x
+    items = [("a", x), ("b", x)]
+    out = list(feeder.iter_on_device(iter(items)))
+    assert out == items and out[0][1] is x
 
 
 def test_device_feeder_pins_copies_on_a_side_stream_one_batch_ahead():
