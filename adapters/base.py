@@ -366,6 +366,13 @@ class Adapter:
         """
         return {}
 
+    def tile_context_blocks(self, blocks, *, bands: tuple[str, ...] | None = None) -> dict[str, Any]:
+        """``tile_context`` over a tile given as row blocks: ``blocks()`` yields (C, h, W) or (T, C, h, W)
+        arrays (invalid pixels NaN) and may be called more than once. Adapters whose statistic can be
+        computed in bounded memory override this; the default joins the blocks and calls ``tile_context``.
+        """
+        return self.tile_context(np.concatenate(list(blocks()), axis=-2), bands=bands)
+
     def forward_kwargs(self, raw_shape: tuple[int, ...], *, pixel_size_m: float) -> dict[str, Any]:
         """Extra forward arguments derived from the raw chips (e.g. ScaleMAE's ground resolution)."""
         return {}

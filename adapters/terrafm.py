@@ -68,7 +68,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -281,6 +281,49 @@ def log1p_p99(arr: np.ndarray) -> float:
     x = np.log1p(np.maximum(arr, 0.0))
     denom = float(np.percentile(x, 99)) if np.isfinite(x).all() else 1.0
     return denom if denom > 0 else 1.0
+
+
+def log1p_p99_blocks(blocks: Callable[[], Iterable[np.ndarray]], *, what: str) -> tuple[float, int]:
+    """``log1p_p99`` over pixels given as blocks (C, ...) of a larger array, with bounded memory, exactly.
+
+    Pixels with a non-finite value in any channel are left out (as ``tile_context`` does). Two passes:
+    a histogram over the float32 bit patterns (monotonic for values >= 0) finds the bins holding the
+    two order statistics that numpy's linear percentile interpolates; the second pass keeps only the
+    values in those bins. Returns (denominator, pixels used).
+    """
+    hist = np.zeros(1 << 16, dtype=np.int64)
+    n = negative = nonzero = 0
+    for block in blocks():
+        vals = np.asarray(block, dtype=np.float32).reshape(block.shape[0], -1)
+        vals = vals[:, np.isfinite(vals).all(axis=0)]
+        nz = vals[vals != 0.0]
+        negative += int((nz < 0).sum())
+        nonzero += int(nz.size)
+        x = np.log1p(np.maximum(vals, np.float32(0.0))).ravel()
+        n += x.size
+        hist += np.bincount(x.view(np.uint32) >> 16, minlength=1 << 16)
+    if nonzero and negative / nonzero > 0.5:
+        reject_db_input(np.array([-1.0, -1.0, 1.0], np.float32), what=what)  # the same message as for arrays
+    if n == 0:
+        return 1.0, 0
+    h = 0.99 * (n - 1)
+    k = int(np.floor(h))
+    ranks = (k, min(k + 1, n - 1))
+    cum = np.cumsum(hist)
+    bins = [int(np.searchsorted(cum, r, side="right")) for r in ranks]
+    lo_bin, hi_bin = bins[0], bins[1]
+    below = int(cum[lo_bin - 1]) if lo_bin > 0 else 0
+    kept = []
+    for block in blocks():
+        vals = np.asarray(block, dtype=np.float32).reshape(block.shape[0], -1)
+        vals = vals[:, np.isfinite(vals).all(axis=0)]
+        x = np.log1p(np.maximum(vals, np.float32(0.0))).ravel()
+        b = x.view(np.uint32) >> 16
+        kept.append(x[(b >= lo_bin) & (b <= hi_bin)])
+    sel = np.sort(np.concatenate(kept))
+    pair = np.array([sel[ranks[0] - below], sel[ranks[1] - below]], dtype=np.float32)
+    denom = float(np.percentile(pair, (h - k) * 100.0))
+    return (denom if denom > 0 else 1.0), n
 
 
 # --- adapters ----------------------------------------------------------------------------------

@@ -74,7 +74,8 @@ def zero_network(model_id: str, device: str = "cpu"):
                     torch.zeros(b, spec.embed_dim, spec.grid_size, spec.grid_size, device=x.device))
 
     Zero.spec = spec
-    return Zero(torch.nn.Identity(), cls.default_config(), device=device)
+    cfg = cls.default_config()
+    return Zero(cls.build_model(cfg), cfg, device=device)  # the real module (some adapters inspect it), never run
 
 
 def _months(model_id: str, month: str) -> list[str]:

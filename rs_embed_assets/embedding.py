@@ -451,24 +451,33 @@ def to_float32(raw: np.ndarray) -> np.ndarray:
     return arr
 
 
-def tile_context_of(adapter, readers: Sequence, window_lattice: ChipLattice, band_index) -> dict[str, Any]:
+def tile_context_of(adapter, readers: Sequence, window_lattice: ChipLattice, band_index,
+                    block_rows: int = 512) -> dict[str, Any]:
     """The adapter's tile statistics over the partition's chips (only for adapters that use them).
 
-    Pixels without a valid observation enter as NaN so the statistic can leave them out.
+    The pixels are handed over as row blocks (``Adapter.tile_context_blocks``), so an adapter with a
+    streaming statistic (TerraFM's S1 p99) never needs the whole window in memory. Pixels without a
+    valid observation enter as NaN so the statistic can leave them out.
     """
     from adapters.base import Adapter
 
     if type(adapter).tile_context is Adapter.tile_context:
         return {}
-    frames = []
-    for reader, bidx in zip(readers, band_index):
-        oy, ox = _offset(reader, window_lattice)
-        w = window_lattice.window
-        data, valid = reader.rows(oy, oy + w.height, bidx)
-        data = data[:, :, ox:ox + w.width].astype(np.float32)
-        data[:, valid[:, ox:ox + w.width] == 0] = np.nan
-        frames.append(data)
-    return adapter.tile_context(np.stack(frames) if len(frames) > 1 else frames[0], bands=adapter.spec.bands)
+    w = window_lattice.window
+    offsets = [_offset(r, window_lattice) for r in readers]
+
+    def blocks():
+        for y in range(0, w.height, block_rows):
+            h = min(block_rows, w.height - y)
+            frames = []
+            for reader, (oy, ox), bidx in zip(readers, offsets, band_index):
+                data, valid = reader.rows(oy + y, oy + y + h, bidx)
+                data = data[:, :, ox:ox + w.width].astype(np.float32)
+                data[:, valid[:, ox:ox + w.width] == 0] = np.nan
+                frames.append(data)
+            yield np.stack(frames) if len(frames) > 1 else frames[0]
+
+    return adapter.tile_context_blocks(blocks, bands=adapter.spec.bands)
 
 
 def embed_partition(adapter, readers: Sequence, *, tile: Tile, month: str, provenance: dict[str, Any],

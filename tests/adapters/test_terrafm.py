@@ -417,3 +417,17 @@ def test_tile_scaling_ignores_pixels_without_observations():
     ctx = ad.tile_context(holes, bands=S1_BANDS)
     assert ctx["s1_pixels"] == 32 * 64
     assert ctx["s1_log1p_p99"] == pytest.approx(log1p_p99(tile[:, 32:].reshape(2, -1)))
+
+
+def test_streamed_tile_scaling_equals_the_whole_array_statistic():
+    """The S1 p99 over row blocks (bounded memory) equals the whole-tile statistic (exact order statistics)."""
+    from adapters.terrafm import log1p_p99, log1p_p99_blocks
+
+    rng = np.random.default_rng(3)
+    tile = rng.gamma(2.0, 0.05, size=(2, 300, 257)).astype(np.float32)
+    tile[:, rng.random((300, 257)) < 0.1] = np.nan  # pixels without observations
+    vals = tile.reshape(2, -1)
+    whole = log1p_p99(vals[:, np.isfinite(vals).all(axis=0)])
+    streamed, n = log1p_p99_blocks(lambda: (tile[:, y:y + 37] for y in range(0, 300, 37)), what="t")
+    assert n == 2 * int(np.isfinite(vals).all(axis=0).sum())
+    assert abs(streamed - whole) <= 1e-7 * whole
