@@ -504,6 +504,11 @@ def embed_partition(adapter, readers: Sequence, *, tile: Tile, month: str, prove
             raise EmbeddingError(f"composite {reader.record['tile']}/{reader.record['month']} lacks bands {missing}; "
                                  f"it has {reader.bands}")
         band_index.append([reader.bands.index(b) for b in spec.bands])
+    if len(readers) > 1:
+        # a temporal model reads T frames per chip row: holding each frame's decoded blocks would cost
+        # T × two full-width blocks, so frames keep only the chip row's rows (blocks decoded per read)
+        for reader in readers:
+            reader.cache_blocks = 0
     lattice = chip_lattice(tile, spec.chip_size)
     plan = plan_chips(readers, lattice, opts.min_valid_fraction)
     bs = opts.batch_size or adapter.batch_size()

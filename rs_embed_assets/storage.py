@@ -477,6 +477,8 @@ class CompositeReader:
         return valid
 
     def _remember(self, blk: _Block) -> None:
+        if not self.cache_blocks and blk.data is not None:
+            return  # uncached reader (many frames at once): blocks are decoded per read
         self._cache[blk.index] = blk
         while len(self._cache) > self.cache_blocks:
             self._cache.pop(min(self._cache))
@@ -507,6 +509,8 @@ class CompositeReader:
             d = blk.data[:, s:e]
             if band_index is not None and list(band_index) != list(range(d.shape[0])):
                 d = d[list(band_index)]  # a model's subset of the bands (a copy); all bands stay a view
+            elif not self.cache_blocks:
+                d = d.copy()  # without a cache, keep only these rows, not the whole block behind a view
             parts_d.append(d)
             parts_v.append(blk.valid_count[s:e])
         if len(parts_d) == 1:
