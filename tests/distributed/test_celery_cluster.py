@@ -159,9 +159,10 @@ def test_backfill_runs_each_step_on_its_queue_and_worker_with_identical_vectors(
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
         for run in bf["runs"]:
             for step, route in _routing_from_event_log(instance, run["runId"]).items():
-                assert route == expected[step], (step, route)
+                # other steps (asset checks of their own) carry no queue tag: default queue, CPU worker
+                assert route == expected.get(step, ("dagster", f"imagery@{HOST}")), (step, route)
                 seen[step] = route
-    assert set(seen) == set(expected), seen
+    assert set(expected) <= set(seen), seen
 
     distributed = _vector_hashes(c.root / "data")
     assert len(distributed) == len(PARTITIONS)
