@@ -299,12 +299,19 @@ class GridSink:
                 raise EmbeddingError(f"{self.lattice.tile.key}: grid values exceed the float16 range (max "
                                      f"{peak:.3g}); store this model's grids as float32 "
                                      "(RS_EMBED_GRID_DTYPE=float32 or RS_EMBED_<MODEL>_GRID_DTYPE=float32)")
-        for (r, c), cell in zip(positions, grids):
+        i, n = 0, len(positions)
+        while i < n:  # runs of neighbouring chips in one lattice row are placed with one slice
+            r, c = positions[i]
+            j = i + 1
+            while j < n and positions[j] == (r, c + (j - i)):
+                j += 1
             while r >= self.buffer_row + self.chip_rows_per_chunk:
                 self._flush()
             y = (r - self.buffer_row) * g
             x = (c - self.lattice.col0) * g
-            self.buffer[:, y:y + g, x:x + g] = cell
+            run = grids[i:j]  # (m, D, g, g) → (D, g, m·g)
+            self.buffer[:, y:y + g, x:x + (j - i) * g] = run.transpose(1, 2, 0, 3).reshape(self.dim, g, -1)
+            i = j
 
     def _flush(self) -> None:
         lat, g = self.lattice, self.g

@@ -170,3 +170,13 @@ def test_device_and_dtype_selection_on_cpu(small_ckpt):
             FomoAdapter.from_checkpoint(path, config=cfg, device="cuda")
     with pytest.raises(AdapterError, match="unknown dtype"):
         FomoAdapter.from_checkpoint(path, config=cfg, dtype="float8")
+
+
+def test_finite_or_zero_equals_nan_to_num():
+    from adapters.preprocess import finite_or_zero
+
+    a = np.array([[1.5, np.nan, np.inf], [-np.inf, -2.0, 0.0]], dtype=np.float32)
+    np.testing.assert_array_equal(finite_or_zero(a), np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0))
+    assert np.isnan(a).sum() == 1  # the input is not modified in place
+    u = np.arange(6, dtype=np.uint16).reshape(2, 3)
+    np.testing.assert_array_equal(finite_or_zero(u), u.astype(np.float32))
