@@ -5,14 +5,14 @@ Three measurements, each in a fresh subprocess so peak memory is the step's own:
 - ``memory``: peak RSS above the process baseline (interpreter + imports + loaded model) for the
   composite step and each model's embedding step on one partition (``--tile``, default a whole
   MGRS tile), with a zero network so only the data path is measured;
-- ``host``: host-side throughput (read → cut → convert → preprocess → write) with a zero network:
-  the rate a GPU would be fed at;
+- ``host``: host-side chips/s with a zero network: transfer-ready raw batches (read, verify, cut),
+  the same with CPU preprocessing, and the whole partition step;
 - ``pipeline``: per model, in one run on the same chips, bare forward chips/s (preprocessed batches
   straight into the network) against end-to-end partition chips/s, with FLOPs per chip counted by
   ``torch.utils.flop_counter`` (and so MFU when a peak FLOP/s is given).
 
     .venv/bin/python benchmarks/bench_partition.py memory --tile 31UFU
-    .venv/bin/python benchmarks/bench_partition.py host --tile 31UFU-k4-r01-c01
+    .venv/bin/python benchmarks/bench_partition.py host --tile 31UFU-k2-r00-c00
     .venv/bin/python benchmarks/bench_partition.py pipeline --tile 31UFU-k20-r11-c07
 
 Results go to benchmarks/results/partition_<what>_<device>.json with the machine description.
@@ -144,6 +144,71 @@ def bench_steps(tile: str, month: str, models: list[str]) -> dict:
     return {"tile": tile, "month": month, "network": "zero (data path only)", "steps": steps}
 
 
+def bench_host(tile: str, month: str, models: list[str], repeats: int) -> dict:
+    """Host-side chips/s with a zero network, per model, in one process on the same composite:
+
+    - ``transfer_ready``: read + verify + cut into contiguous raw batches (what a GPU worker copies to
+      the device when preprocessing runs there);
+    - ``host_preprocessed``: the same plus the adapter's CPU preprocessing (what the CPU path feeds);
+    - ``partition``: the whole embedding step (plan, prefetch thread, zero forward, grid and vectors
+      written, committed).
+    """
+    import numpy as np
+
+    import adapters
+    from rs_embed_assets.embedding import _batches, plan_chips, to_float32
+    from rs_embed_assets.grid import parse_tile_key
+    from rs_embed_assets.lattice import chip_lattice
+    from rs_embed_assets.materialize import EmbeddingSettings, materialize_composite, materialize_embeddings
+    from rs_embed_assets.providers import create_provider
+    from rs_embed_assets.storage import Storage
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-host-") as root:
+        st = Storage(root)
+        prov = create_provider("sample")
+        done = set()
+        for model_id in models:
+            spec = adapters.get_spec(model_id)
+            months = _months(model_id, month)
+            for m in months:
+                if (spec.sensor, m) not in done:
+                    materialize_composite(st, prov, spec.sensor, tile, m)
+                    done.add((spec.sensor, m))
+            ad = zero_network(model_id)
+            bs = 512 if spec.chip_size <= 64 else 64
+            lat = chip_lattice(parse_tile_key(tile), spec.chip_size)
+            row = {"model": model_id, "chip_size": spec.chip_size, "batch": bs}
+            for name, prep in [("transfer_ready", np.ascontiguousarray),
+                               ("host_preprocessed",
+                                lambda raw: ad.preprocess(to_float32(raw), bands=spec.bands, tile_context={}))]:
+                best = None
+                for _ in range(repeats):
+                    readers = [st.open_composite(spec.sensor, tile, m) for m in months]
+                    if len(readers) > 1:
+                        for r in readers:
+                            r.cache_blocks = 0
+                    t0 = time.perf_counter()
+                    plan = plan_chips(readers, lat)
+                    bidx = [[r.bands.index(b) for b in spec.bands] for r in readers]
+                    n = sum(len(p) for p, _ in _batches(plan, readers, bidx, bs, prep))
+                    dt = time.perf_counter() - t0
+                    best = dt if best is None else min(best, dt)
+                row[f"{name}_chips_per_s"] = round(n / best, 1)
+            ck = {"sha256": "0" * 64, "random_init": True, "source_uri": "bench"}
+            best = None
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                man = materialize_embeddings(st, ad, tile, month, ck, EmbeddingSettings(batch_size=bs))
+                dt = time.perf_counter() - t0
+                best = dt if best is None else min(best, dt)
+            row["partition_chips_per_s"] = round(man["chips_embedded"] / best, 1)
+            row["chips"] = man["chips_embedded"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return {"tile": tile, "month": month, "network": "zero (data path only)", "models": rows}
+
+
 def bench_pipeline(tile: str, month: str, models: list[str], device: str, peak_tflops: float | None,
                    repeats: int) -> dict:
     """Bare forward against the whole partition, on the same chips, for full-size random-weight models."""
@@ -245,8 +310,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     models = args.models.split(",")
-    if args.what in ("memory", "host"):
-        res = bench_steps(args.tile or ("31UFU" if args.what == "memory" else "31UFU-k4-r01-c01"), args.month, models)
+    if args.what == "memory":
+        res = bench_steps(args.tile or "31UFU", args.month, models)
+    elif args.what == "host":
+        res = bench_host(args.tile or "31UFU-k2-r00-c00", args.month, models, args.repeats)
     else:
         res = bench_pipeline(args.tile or "31UFU-k20-r11-c07", args.month, models, args.device, args.peak_tflops,
                              args.repeats)
