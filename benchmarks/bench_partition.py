@@ -86,6 +86,26 @@ def _months(model_id: str, month: str) -> list[str]:
     return [shift_month(month, -k) for k in range(ad_frames - 1, -1, -1)]
 
 
+class _Composites:
+    """Materialises each (sensor, month) composite of one tile once, for every model that needs it."""
+
+    def __init__(self, storage, tile: str):
+        from rs_embed_assets.providers import create_provider
+
+        self.storage, self.tile, self.provider, self.done = storage, tile, create_provider("sample"), set()
+
+    def for_model(self, model_id: str, month: str) -> list[str]:
+        import adapters
+        from rs_embed_assets.materialize import materialize_composite
+
+        sensor, months = adapters.get_spec(model_id).sensor, _months(model_id, month)
+        for m in months:
+            if (sensor, m) not in self.done:
+                materialize_composite(self.storage, self.provider, sensor, self.tile, m)
+                self.done.add((sensor, m))
+        return months
+
+
 # --- workers (run in their own process) ---------------------------------------------------------
 def worker_composite(root: str, tile: str, month: str, sensor: str) -> dict:
     from rs_embed_assets.materialize import materialize_composite
@@ -159,22 +179,16 @@ def bench_host(tile: str, month: str, models: list[str], repeats: int) -> dict:
     from rs_embed_assets.embedding import _batches, plan_chips, to_float32
     from rs_embed_assets.grid import parse_tile_key
     from rs_embed_assets.lattice import chip_lattice
-    from rs_embed_assets.materialize import EmbeddingSettings, materialize_composite, materialize_embeddings
-    from rs_embed_assets.providers import create_provider
+    from rs_embed_assets.materialize import EmbeddingSettings, materialize_embeddings
     from rs_embed_assets.storage import Storage
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-host-") as root:
         st = Storage(root)
-        prov = create_provider("sample")
-        done = set()
+        composites = _Composites(st, tile)
         for model_id in models:
             spec = adapters.get_spec(model_id)
-            months = _months(model_id, month)
-            for m in months:
-                if (spec.sensor, m) not in done:
-                    materialize_composite(st, prov, spec.sensor, tile, m)
-                    done.add((spec.sensor, m))
+            months = composites.for_model(model_id, month)
             ad = zero_network(model_id)
             bs = 512 if spec.chip_size <= 64 else 64
             lat = chip_lattice(parse_tile_key(tile), spec.chip_size)
@@ -220,25 +234,19 @@ def bench_pipeline(tile: str, month: str, models: list[str], device: str, peak_t
     from rs_embed_assets.embedding import to_float32
     from rs_embed_assets.grid import parse_tile_key
     from rs_embed_assets.lattice import chip_lattice
-    from rs_embed_assets.materialize import EmbeddingSettings, materialize_composite, materialize_embeddings
-    from rs_embed_assets.providers import create_provider
+    from rs_embed_assets.materialize import EmbeddingSettings, materialize_embeddings
     from rs_embed_assets.storage import Storage
 
     out = []
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as root:
         st = Storage(root)
-        prov = create_provider("sample")
-        done = set()
+        composites = _Composites(st, tile)
         for model_id in models:
             cls = adapters.get_adapter_class(model_id)
             spec = cls.spec
             ckpt = cls.write_random_checkpoint(Path(root) / f"{model_id}.pt", seed=0)
             ad = cls.from_checkpoint(ckpt, device=device, dtype=os.environ.get("RS_EMBED_DTYPE", "float32"))
-            months = _months(model_id, month)
-            for m in months:
-                if (spec.sensor, m) not in done:
-                    materialize_composite(st, prov, spec.sensor, tile, m)
-                    done.add((spec.sensor, m))
+            months = composites.for_model(model_id, month)
             ckrec = {"sha256": "0" * 64, "random_init": True, "source_uri": "bench"}
             settings = EmbeddingSettings()
             materialize_embeddings(st, ad, tile, month, ckrec, settings)  # warm-up (and the chips)

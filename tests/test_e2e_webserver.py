@@ -4,7 +4,6 @@ GraphQL exactly as the UI launches it, then the files and the DuckDB rows it pro
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import requests
+
+from servers import free_port, reset_signals
 
 REPO = Path(__file__).resolve().parents[1]
 TILE_KEYS = ["31UFU-k36-r21-c12", "31UFU-k36-r21-c13"]
@@ -28,17 +29,6 @@ READY = "{ workspaceOrError { __typename ... on Workspace { locationEntries { na
         "... on PythonError { message } } } } } }"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _reset_signals():  # the parent may ignore SIGTERM/SIGINT; give the server default handlers
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 @pytest.fixture
 def dagster_dev(tmp_path):
     import dagster as dg
@@ -48,7 +38,7 @@ def dagster_dev(tmp_path):
     shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
     with dg.DagsterInstance.from_config(str(home)) as instance:
         instance.add_dynamic_partitions("tiles", TILE_KEYS)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "DAGSTER_HOME": str(home), "RS_EMBED_ASSETS_DATA_ROOT": str(tmp_path / "data"),
            "RS_EMBED_ASSETS_MODELS": "fomo", "RS_EMBED_FOMO_DEPTH": "2", "RS_EMBED_ALLOW_RANDOM_INIT": "1",
            "RS_EMBED_FOMO_AUTO_DOWNLOAD": "0", "RS_EMBED_ASSETS_AOI_FILE": str(tmp_path / "no_aoi.geojson"),
@@ -57,7 +47,7 @@ def dagster_dev(tmp_path):
     log = open(tmp_path / "dagster_dev.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "dagster", "dev", "-w", str(REPO / "workspace.yaml"),
                              "-h", "127.0.0.1", "-p", str(port)], cwd=REPO, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, preexec_fn=_reset_signals, start_new_session=True)
+                            stderr=subprocess.STDOUT, preexec_fn=reset_signals, start_new_session=True)
     url = f"http://127.0.0.1:{port}/graphql"
     try:
         deadline = time.time() + 120

@@ -8,7 +8,6 @@ Playwright) opens the asset's partition page. The screenshot lands in tests/arti
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,22 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from servers import free_port, reset_signals
+
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("RS_EMBED_TEST_ARTIFACTS", REPO / "tests" / "artifacts"))
 CHROMIUM = os.environ.get("RS_EMBED_CHROMIUM", "/usr/bin/chromium")
 TILE = "31UFU-k36-r21-c12"
 PARTITION = f"2024-06-01|{TILE}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _reset_signals():  # the parent may ignore SIGTERM/SIGINT; give the server default handlers
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture
@@ -69,11 +59,11 @@ def served_partition(tmp_path):
                                                  dg.AssetKey(["embeddings", "fomo"])],
                               partition_key=PARTITION, instance=instance, resources=resources).success
     mp.undo()
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "webserver.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "dagster_webserver", "-w", str(REPO / "workspace.yaml"),
                              "-h", "127.0.0.1", "-p", str(port)], cwd=REPO, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, preexec_fn=_reset_signals, start_new_session=True)
+                            stderr=subprocess.STDOUT, preexec_fn=reset_signals, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 90

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,8 @@ import dagster as dg
 import pytest
 import requests
 
+from servers import free_port, reset_signals
+
 REPO = Path(__file__).resolve().parents[2]
 READY = "{ workspaceOrError { __typename ... on Workspace { locationEntries { name locationOrLoadError { __typename "\
         "... on PythonError { message } } } } } }"
@@ -22,17 +23,6 @@ LAUNCH_RUN = """
 mutation($p: ExecutionParams!) { launchRun(executionParams: $p) {
   __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message stack }
   ... on InvalidSubsetError { message } ... on RunConfigValidationInvalid { errors { message } } } }"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def reset_signals():  # the parent may ignore SIGTERM/SIGINT; give the servers default handlers
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def small_fomo_env(tmp_path: Path, home: Path) -> dict[str, str]:
