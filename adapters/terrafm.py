@@ -292,10 +292,11 @@ def log1p_p99_blocks(blocks: Callable[[], Iterable[np.ndarray]], *, what: str) -
     values in those bins. Returns (denominator, pixels used).
     """
     hist = np.zeros(1 << 16, dtype=np.int64)
-    n = negative = nonzero = 0
+    n = negative = nonzero = pixels = 0
     for block in blocks():
         vals = np.asarray(block, dtype=np.float32).reshape(block.shape[0], -1)
         vals = vals[:, np.isfinite(vals).all(axis=0)]
+        pixels += vals.shape[1]
         nz = vals[vals != 0.0]
         negative += int((nz < 0).sum())
         nonzero += int(nz.size)
@@ -305,7 +306,7 @@ def log1p_p99_blocks(blocks: Callable[[], Iterable[np.ndarray]], *, what: str) -
     if nonzero and negative / nonzero > 0.5:
         reject_db_input(np.array([-1.0, -1.0, 1.0], np.float32), what=what)  # the same message as for arrays
     if n == 0:
-        return 1.0, 0
+        return 1.0, pixels
     h = 0.99 * (n - 1)
     k = int(np.floor(h))
     ranks = (k, min(k + 1, n - 1))
@@ -323,7 +324,7 @@ def log1p_p99_blocks(blocks: Callable[[], Iterable[np.ndarray]], *, what: str) -
     sel = np.sort(np.concatenate(kept))
     pair = np.array([sel[ranks[0] - below], sel[ranks[1] - below]], dtype=np.float32)
     denom = float(np.percentile(pair, (h - k) * 100.0))
-    return (denom if denom > 0 else 1.0), n
+    return (denom if denom > 0 else 1.0), pixels
 
 
 # --- adapters ----------------------------------------------------------------------------------
@@ -426,6 +427,16 @@ class TerraFMS1Adapter(_TerraFMAdapter):
         reject_db_input(vals, what="the S1 tile composite")
         p99 = log1p_p99(vals) if vals.size else 1.0
         return {"s1_scaling": "tile", "s1_log1p_p99": p99, "s1_pixels": int(vals.shape[1])}
+
+    def tile_context_blocks(self, blocks, *, bands: tuple[str, ...] | None = None) -> dict[str, Any]:
+        """``tile_context`` over the tile given as row blocks (C, h, W), NaN where invalid: bounded memory,
+        the same p99 (exact order statistics, see ``log1p_p99_blocks``)."""
+        if self.config.s1_scaling != "tile":
+            return {}
+        if bands is not None and tuple(bands) != tuple(self.spec.bands):
+            raise AdapterError(f"terrafm_b_s1 needs bands in the order {', '.join(self.spec.bands)}, got {bands}")
+        p99, n = log1p_p99_blocks(blocks, what="the S1 tile composite")
+        return {"s1_scaling": "tile", "s1_log1p_p99": p99, "s1_pixels": n}
 
     def preprocess(self, raw: np.ndarray, *, bands: tuple[str, ...] | None = None,
                    tile_context: dict[str, Any] | None = None,
