@@ -479,9 +479,10 @@ class CompositeReader:
     def _remember(self, blk: _Block) -> None:
         if not self.cache_blocks and blk.data is not None:
             return  # uncached reader (many frames at once): blocks are decoded per read
-        self._cache[blk.index] = blk
+        self._cache.pop(blk.index, None)
+        self._cache[blk.index] = blk  # newest last
         while len(self._cache) > self.cache_blocks:
-            self._cache.pop(min(self._cache))
+            self._cache.pop(next(iter(self._cache)))  # least recently read first
 
     def valid_rows(self, y0: int, y1: int) -> np.ndarray:
         """Rows ``y0:y1`` of valid_count only (cheap: no band data is read), verified."""

@@ -77,3 +77,19 @@ def test_composite_is_georeferenced_and_covers_the_read_window(committed):
     assert "spatial_ref" in ds.coords and ds["spatial_ref"].attrs["crs_wkt"].startswith("PROJCRS")
     assert ds["data"].shape == tuple(rec["shape"]) and rec["window"]["height"] >= 305
     assert float(ds.x[0]) == rec["transform"][0] + 5.0
+
+
+def test_sequential_chip_rows_decode_each_block_once(committed):
+    """A pass over valid counts then chip rows must not evict the block it just read (it re-read per row)."""
+    st, rec = committed
+    reader = st.open_composite("s2", KEY, "2024-07")
+    reads = []
+    original = reader._read
+    reader._read = lambda arr, region: reads.append(arr.basename) or original(arr, region)
+    height = reader.height
+    for y in range(0, height, 64):
+        reader.valid_rows(y, min(y + 64, height))
+    for y in range(0, height, 64):
+        reader.rows(y, min(y + 64, height))
+    blocks = -(-height // reader.block_rows)
+    assert reads.count("data") == blocks, reads
