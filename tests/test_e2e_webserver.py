@@ -3,7 +3,6 @@ GraphQL exactly as the UI launches it, then the files and the DuckDB rows it pro
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from servers import free_port, reset_signals
+from servers import free_port, gql, reset_signals, stop_group
 
 REPO = Path(__file__).resolve().parents[1]
 TILE_KEYS = ["31UFU-k36-r21-c12", "31UFU-k36-r21-c13"]
@@ -66,30 +65,17 @@ def dagster_dev(tmp_path):
             time.sleep(1)
         yield url, tmp_path
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+        stop_group(proc, log, 30)
 
 
 GRAPH = "{ assetNodes { assetKey { path } groupName kinds description isPartitioned } }"
-
-
-def _gql(url, query, variables):
-    r = requests.post(url, json={"query": query, "variables": variables}, timeout=60)
-    r.raise_for_status()
-    body = r.json()
-    assert "errors" not in body, body["errors"]
-    return body["data"]
 
 
 @pytest.mark.slow
 def test_ui_backfill_materialises_partitions_and_catalog(dagster_dev):
     url, tmp = dagster_dev
     # what the UI's asset graph shows: groups, kinds and descriptions for every asset
-    nodes = {"/".join(n["assetKey"]["path"]): n for n in _gql(url, GRAPH, {})["assetNodes"]}
+    nodes = {"/".join(n["assetKey"]["path"]): n for n in gql(url, GRAPH, {})["assetNodes"]}
     assert set(nodes) == {"checkpoint_file/fomo", "checkpoint/fomo", "s2_composite", "s1_composite", "embeddings/fomo",
                           "catalog"}  # checkpoint_file: the weights file, observed by sha256
     assert nodes["embeddings/fomo"]["groupName"] == "embeddings" and nodes["embeddings/fomo"]["isPartitioned"]
@@ -101,13 +87,13 @@ def test_ui_backfill_materialises_partitions_and_catalog(dagster_dev):
     params = {"partitionNames": PARTITIONS, "fromFailure": False,
               "assetSelection": [{"path": ["checkpoint", "fomo"]}, {"path": ["s2_composite"]},
                                  {"path": ["s1_composite"]}, {"path": ["embeddings", "fomo"]}, {"path": ["catalog"]}]}
-    launched = _gql(url, LAUNCH, {"p": params})["launchPartitionBackfill"]
+    launched = gql(url, LAUNCH, {"p": params})["launchPartitionBackfill"]
     assert launched["__typename"] == "LaunchBackfillSuccess", launched
     backfill_id = launched["backfillId"]
 
     deadline = time.time() + 540
     while True:
-        bf = _gql(url, STATUS, {"id": backfill_id})["partitionBackfillOrError"]
+        bf = gql(url, STATUS, {"id": backfill_id})["partitionBackfillOrError"]
         if bf["status"] in {"COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED"}:
             break
         assert time.time() < deadline, f"backfill still {bf['status']} after 9 min: {bf['runs']}"

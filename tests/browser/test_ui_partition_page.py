@@ -7,7 +7,6 @@ Playwright) opens the asset's partition page. The screenshot lands in tests/arti
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from servers import free_port, reset_signals
+from servers import free_port, reset_signals, stop_group
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("RS_EMBED_TEST_ARTIFACTS", REPO / "tests" / "artifacts"))
@@ -78,12 +77,7 @@ def served_partition(tmp_path):
             time.sleep(0.5)
         yield base, tmp_path
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+        stop_group(proc, log, 20)
 
 
 def _open_preview(page, url: str, shot: Path):

@@ -23,6 +23,8 @@ from rs_embed_assets.cluster import Cluster
 from rs_embed_assets.partitions import TILES
 from rs_embed_assets.resources import CheckpointPolicyResource, ModelResource, ProviderResource, StorageResource
 
+from servers import gql
+
 from .conftest import free_port, wait_for
 
 TILE_KEYS = ["31UFU-k36-r21-c12", "31UFU-k36-r21-c13"]
@@ -43,14 +45,6 @@ mutation($p: ExecutionParams!) { launchRun(executionParams: $p) {
 REEXECUTE = """
 mutation($p: ReexecutionParams!) { launchRunReexecution(reexecutionParams: $p) {
   __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }"""
-
-
-def _gql(url, query, variables):
-    r = requests.post(url, json={"query": query, "variables": variables}, timeout=60)
-    r.raise_for_status()
-    body = r.json()
-    assert "errors" not in body, body["errors"]
-    return body["data"]
 
 
 @pytest.fixture(scope="module")
@@ -140,11 +134,11 @@ def _in_process_vectors(tmp: Path) -> dict[str, str]:
 def test_backfill_runs_each_step_on_its_queue_and_worker_with_identical_vectors(cluster, tmp_path):
     c, url = cluster
     params = {"partitionNames": PARTITIONS, "fromFailure": False, "assetSelection": [{"path": p} for p in ASSETS]}
-    launched = _gql(url, LAUNCH_BACKFILL, {"p": params})["launchPartitionBackfill"]
+    launched = gql(url, LAUNCH_BACKFILL, {"p": params})["launchPartitionBackfill"]
     assert launched["__typename"] == "LaunchBackfillSuccess", launched
 
     def finished():
-        bf = _gql(url, BACKFILL_STATUS, {"id": launched["backfillId"]})["partitionBackfillOrError"]
+        bf = gql(url, BACKFILL_STATUS, {"id": launched["backfillId"]})["partitionBackfillOrError"]
         return bf if bf["status"] in {"COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED"} \
             else None
 
@@ -176,7 +170,7 @@ def _launch_embedding(url, partition) -> str:
               "executionMetadata": {"tags": [{"key": "dagster/partition", "value": partition},
                                              {"key": "dagster/partition/month", "value": month},
                                              {"key": "dagster/partition/tile", "value": tile}]}}
-    out = _gql(url, LAUNCH_RUN, {"p": params})["launchRun"]
+    out = gql(url, LAUNCH_RUN, {"p": params})["launchRun"]
     assert out["__typename"] == "LaunchRunSuccess", out
     return out["run"]["runId"]
 
@@ -224,7 +218,7 @@ def test_killing_the_gpu_worker_mid_step_fails_the_run_frees_slots_and_reexecuti
                                                                     dg.DagsterEventType.ASSET_MATERIALIZATION)]
     assert not after, "a revoked step of the failed run ran later"
 
-    out = _gql(url, REEXECUTE, {"p": {"parentRunId": run_id, "strategy": "FROM_FAILURE"}})["launchRunReexecution"]
+    out = gql(url, REEXECUTE, {"p": {"parentRunId": run_id, "strategy": "FROM_FAILURE"}})["launchRunReexecution"]
     assert out["__typename"] == "LaunchRunSuccess", out
     retry = out["run"]["runId"]
     with dg.DagsterInstance.from_config(home) as instance:
