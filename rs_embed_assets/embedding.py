@@ -277,12 +277,13 @@ class GridSink:
         self.g = cells_per_chip
         self.dim = dim
         self.dtype = np.dtype(dtype)
-        self.chip_rows_per_chunk = max(1, 64 // self.g)
+        self.chip_rows_per_chunk = self.chunks(self.g, dim)[1] // self.g  # one chunk row of the store
         self.buffer_row = lattice.row0  # first chip row held in the buffer
         self.buffer = self._fresh()
 
     @staticmethod
     def chunks(cells_per_chip: int, dim: int) -> tuple[int, int, int]:
+        """Store chunks: all features, about 64 cells a side, a whole number of chips."""
         rows = cells_per_chip * max(1, 64 // cells_per_chip)
         return (dim, rows, rows)
 

@@ -243,6 +243,28 @@ def open_composite(storage: Storage, sensor: str, tile_key: str, month: str):
 
 
 # --- embeddings ---------------------------------------------------------------------------------
+class KnobError(ValueError):
+    """A configuration value outside its valid range."""
+
+
+def validate_model_knobs(*, batch_size: int, min_valid_fraction: float, pooling: str = "mean",
+                         dtype: str = "float32", device: str = "auto") -> None:
+    """Refuse out-of-range embedding knobs with a message naming the knob, its value and the fix."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
+        raise KnobError(f"batch size {batch_size!r} (RS_EMBED_BATCH_SIZE or the model resource's batch_size) must "
+                        "be a whole number >= 1, or 0 for the model's default for the device")
+    if not isinstance(min_valid_fraction, (int, float)) or not 0.0 <= float(min_valid_fraction) <= 1.0:
+        raise KnobError(f"min_valid_fraction={min_valid_fraction!r} must lie in [0, 1] (the share of valid pixels "
+                        "a chip needs to be embedded; 0 embeds every chip with at least one valid pixel)")
+    if pooling not in ("mean", "max"):
+        raise KnobError(f"pooling={pooling!r} is not supported; use 'mean' or 'max'")
+    if str(dtype).lower() not in ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16"):
+        raise KnobError(f"dtype {dtype!r} (RS_EMBED_DTYPE) is not supported; use float32, float16 or bfloat16")
+    dev = str(device).strip().lower()
+    if not (dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise KnobError(f"device {device!r} (RS_EMBED_DEVICE) is not understood; use auto, cpu, cuda or cuda:N")
+
+
 @dataclass
 class EmbeddingSettings:
     pooling: str = "mean"
@@ -252,16 +274,14 @@ class EmbeddingSettings:
     prefetch: int = 2
 
     def __post_init__(self) -> None:
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"batch_size={self.batch_size} must be at least 1 (RS_EMBED_BATCH_SIZE; 0 = the "
-                             "model's default)")
-        if not 0.0 <= self.min_valid_fraction <= 1.0:
-            raise ValueError(f"min_valid_fraction={self.min_valid_fraction} must be between 0 and 1")
+        if self.batch_size is not None and self.batch_size < 1:  # None is the model's default here
+            raise KnobError(f"batch_size={self.batch_size} must be at least 1 (RS_EMBED_BATCH_SIZE; 0 = the "
+                            "model's default)")
+        validate_model_knobs(batch_size=self.batch_size or 0, min_valid_fraction=self.min_valid_fraction,
+                             pooling=self.pooling)
         if self.grid_dtype not in ("float16", "float32", "none"):
-            raise ValueError(f"grid dtype {self.grid_dtype!r} is not supported; use float16, float32 or none "
-                             "(RS_EMBED_GRID_DTYPE / RS_EMBED_<MODEL>_GRID_DTYPE)")
-        if self.pooling not in ("mean", "max"):
-            raise ValueError(f"pooling={self.pooling!r} is not supported; use 'mean' or 'max'")
+            raise KnobError(f"grid dtype {self.grid_dtype!r} is not supported; use float16, float32 or none "
+                            "(RS_EMBED_GRID_DTYPE / RS_EMBED_<MODEL>_GRID_DTYPE)")
 
 
 def materialize_embeddings(storage: Storage, adapter, tile_key: str, month: str, checkpoint: dict[str, Any],
@@ -308,6 +328,7 @@ def _materialize_embeddings(storage, adapter, tile_key, month, checkpoint, setti
             log_fn(f"{spec.model_id} {tile.key} {month}: composite is empty, writing 0 rows")
     grid_dtype = settings.grid_dtype
     grid_versions = storage.grid_versions_dir(spec.model_id, tile.key, month)
+    hint = f"{spec.model_id}-{tile.key}-{month}"
 
     def grid_writer(lat):
         if grid_dtype == "none":
@@ -322,7 +343,6 @@ def _materialize_embeddings(storage, adapter, tile_key, month, checkpoint, setti
             coords=coords, attrs=grid_attrs(spec, tile, month, lat, provenance), crs_wkt=crs_wkt(tile.epsg),
             transform=transform)
 
-    hint = f"{spec.model_id}-{tile.key}-{month}"
     storage.clean_staging(suffix=f"-{hint}.parquet")  # leftovers of a killed write of this partition
     storage.clean_staging(suffix=f"-{hint}-grid.zarr")
     staged_vectors = storage.staging_path(f"{hint}.parquet")

@@ -15,7 +15,7 @@ import adapters
 from adapters.specs import env_bool, env_int, env_str
 
 from .catalog import connect_readonly
-from .materialize import EmbeddingSettings, read_checkpoint_record
+from .materialize import EmbeddingSettings, KnobError, read_checkpoint_record, validate_model_knobs  # noqa: F401
 from .providers import Provider, create_provider
 from .settings import enabled_models
 from .storage import Storage
@@ -108,28 +108,6 @@ class ModelResource(dg.ConfigurableResource):
                       or env_str("RS_EMBED_GRID_DTYPE", "float16")).lower()
         return EmbeddingSettings(pooling=self.pooling, batch_size=self.batch_size or None,
                                  min_valid_fraction=self.min_valid_fraction, grid_dtype=grid_dtype)
-
-
-class KnobError(ValueError):
-    """A configuration value outside its valid range."""
-
-
-def validate_model_knobs(*, batch_size: int, min_valid_fraction: float, pooling: str = "mean",
-                         dtype: str = "float32", device: str = "auto") -> None:
-    """Refuse out-of-range embedding knobs with a message naming the knob, its value and the fix."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
-        raise KnobError(f"batch size {batch_size!r} (RS_EMBED_BATCH_SIZE or the model resource's batch_size) must "
-                        "be a whole number >= 1, or 0 for the model's default for the device")
-    if not isinstance(min_valid_fraction, (int, float)) or not 0.0 <= float(min_valid_fraction) <= 1.0:
-        raise KnobError(f"min_valid_fraction={min_valid_fraction!r} must lie in [0, 1] (the share of valid pixels "
-                        "a chip needs to be embedded; 0 embeds every chip with at least one valid pixel)")
-    if pooling not in ("mean", "max"):
-        raise KnobError(f"pooling={pooling!r} is not supported; use 'mean' or 'max'")
-    if str(dtype).lower() not in ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16"):
-        raise KnobError(f"dtype {dtype!r} (RS_EMBED_DTYPE) is not supported; use float32, float16 or bfloat16")
-    dev = str(device).strip().lower()
-    if not (dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())):
-        raise KnobError(f"device {device!r} (RS_EMBED_DEVICE) is not understood; use auto, cpu, cuda or cuda:N")
 
 
 class CatalogResource(dg.ConfigurableResource):
