@@ -145,7 +145,7 @@ def materialize_composite(storage: Storage, provider: Provider, sensor: str, til
         coords={"band": (("band",), np.array(spec.bands), {"long_name": "band name"}),
                 "y": (("y",), wtile.y_coords(), {"units": "m", "standard_name": "projection_y_coordinate"}),
                 "x": (("x",), wtile.x_coords(), {"units": "m", "standard_name": "projection_x_coordinate"})},
-        attrs={}, crs_wkt=epsg_wkt, transform=wtile.transform)
+        attrs={}, crs_wkt=epsg_wkt, transform=wtile.transform, codec="fast")
     hashes, statuses, reasons, scenes, valid_px = [], set(), [], 0, 0
     first: xr.Dataset | None = None
     try:

@@ -85,7 +85,7 @@ def test_sequential_chip_rows_decode_each_block_once(committed):
     reader = st.open_composite("s2", KEY, "2024-07")
     reads = []
     original = reader._read
-    reader._read = lambda arr, region: reads.append(arr.basename) or original(arr, region)
+    reader._read = lambda what, i: reads.append(("data", "valid_count")[what]) or original(what, i)
     height = reader.height
     for y in range(0, height, 64):
         reader.valid_rows(y, min(y + 64, height))
@@ -93,3 +93,62 @@ def test_sequential_chip_rows_decode_each_block_once(committed):
         reader.rows(y, min(y + 64, height))
     blocks = -(-height // reader.block_rows)
     assert reads.count("data") == blocks, reads
+
+
+# --- the fast read path: chunk files decoded on a thread pool -----------------------------------
+@pytest.mark.parametrize("sensor", ["s2", "s1"])
+def test_direct_chunk_reads_equal_zarr_reads_including_edge_chunks(tmp_path, sensor):
+    """Blocks read straight from the chunk files are exactly what zarr-python reads (uint16 and NaN float32)."""
+    import zarr
+
+    st = Storage(tmp_path)
+    materialize_composite(st, create_provider("sample"), sensor, KEY, "2024-07", block_rows=128)
+    reader = st.open_composite(sensor, KEY, "2024-07")
+    assert all(f is not None for f in reader._fast), "composites must take the fast path"
+    assert reader.width % 128 and reader.height % 128  # partial chunks at the right and bottom edges
+    group = zarr.open_group(str(reader.path), mode="r", zarr_format=2)
+    for i in range(len(reader.hashes)):
+        y0, y1 = i * 128, min(reader.height, (i + 1) * 128)
+        np.testing.assert_array_equal(reader._read(0, i), group["data"][:, y0:y1, :])
+        np.testing.assert_array_equal(reader._read(1, i), group["valid_count"][y0:y1, :])
+    data, valid = reader.rows(0, reader.height)
+    np.testing.assert_array_equal(data, group["data"][...])
+    np.testing.assert_array_equal(valid, group["valid_count"][...])
+
+
+def test_composites_use_the_fast_codec_and_grids_stay_compact(committed):
+    st, rec = committed
+    meta = json.loads((st.resolve(rec["store"]) / "data" / ".zarray").read_text())
+    assert meta["compressor"]["id"] == "blosc" and meta["compressor"]["cname"] == "lz4"
+
+
+def test_a_deleted_chunk_is_refused_on_the_fast_path(committed):
+    st, rec = committed
+    reader = st.open_composite("s2", KEY, "2024-07")
+    (st.resolve(rec["store"]) / "data" / "0.1.0").unlink()
+    reader.rows(0, 64)  # block 0 is intact
+    with pytest.raises(StorageError, match=r"is damaged: data rows 128–256"):
+        reader.rows(130, 140)
+
+
+def test_read_ahead_of_a_damaged_block_fails_only_when_that_block_is_read(committed):
+    st, rec = committed
+    (st.resolve(rec["store"]) / "data" / "0.1.0").unlink()
+    reader = st.open_composite("s2", KEY, "2024-07")
+    data, _ = reader.rows(0, 100)  # reads block 0 and decodes block 1 ahead
+    assert reader._ahead is not None and reader._ahead[0] == 1
+    assert data.shape[1] == 100
+    with pytest.raises(StorageError, match="is damaged"):
+        reader.rows(120, 140)
+
+
+def test_the_read_thread_count_is_validated(monkeypatch, committed):
+    from rs_embed_assets.storage import read_threads
+
+    monkeypatch.setenv("RS_EMBED_ASSETS_READ_THREADS", "0")
+    with pytest.raises(ValueError, match=r"RS_EMBED_ASSETS_READ_THREADS='0' is not a thread count"):
+        read_threads()
+    monkeypatch.setenv("RS_EMBED_ASSETS_READ_THREADS", "1")
+    st, _ = committed
+    reader = st.open_composite("s2", KEY, "2024-07")
+    reader.verify()  # one decode thread reads the same verified blocks
