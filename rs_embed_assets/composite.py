@@ -17,12 +17,13 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
-import xarray as xr
+from typing import TYPE_CHECKING, Any
 
 from .grid import Tile
+
+if TYPE_CHECKING:  # numpy/xarray are imported where a composite is built: the code location loads without them
+    import numpy as np
+    import xarray as xr
 
 
 class CompositeError(ValueError):
@@ -87,6 +88,9 @@ def crs_wkt(epsg: int) -> str:
 def make_composite(*, sensor: str, tile: Tile, month: str, data: np.ndarray, valid_count: np.ndarray,
                    provider: str, synthetic: bool = False, scene_count: int = 0, status: str = "ok",
                    provider_info: dict[str, Any] | None = None) -> xr.Dataset:
+    import numpy as np
+    import xarray as xr
+
     spec = sensor_spec(sensor)
     month = parse_month(month)
     data = np.asarray(data)
@@ -124,6 +128,8 @@ def make_composite(*, sensor: str, tile: Tile, month: str, data: np.ndarray, val
 def empty_composite(*, sensor: str, tile: Tile, month: str, provider: str, reason: str,
                     provider_info: dict[str, Any] | None = None, synthetic: bool = False) -> xr.Dataset:
     """A composite with no valid pixel: the recorded outcome of an empty collection."""
+    import numpy as np
+
     spec = sensor_spec(sensor)
     fill = 0 if spec.dtype == "uint16" else np.nan
     data = np.full((len(spec.bands), tile.height, tile.width), fill, dtype=spec.dtype)

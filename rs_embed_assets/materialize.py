@@ -33,6 +33,7 @@ from .faults import fault_point
 from .grid import parse_tile_key
 from .lattice import Window, chip_lattice, read_window, window_tile
 from .providers.base import Provider
+from .settings import checkpoint_ids  # noqa: F401  (also re-exported: its home is settings.py)
 from .storage import StaleReadError, Storage, StorageError, ZarrStoreWriter, block_hash
 
 log = logging.getLogger(__name__)
@@ -45,16 +46,6 @@ class MissingUpstreamError(RuntimeError):
 
 
 # --- checkpoints --------------------------------------------------------------------------------
-def checkpoint_ids() -> dict[str, str]:
-    """checkpoint id → the first model id that loads it (terrafm_b and terrafm_b_s1 share one)."""
-    from .settings import enabled_models
-
-    out: dict[str, str] = {}
-    for model_id in enabled_models():
-        out.setdefault(adapters.get_spec(model_id).checkpoint_id, model_id)
-    return out
-
-
 def materialize_checkpoint(storage: Storage, checkpoint_id: str, *, allow_random_init: bool = False,
                            allow_download: bool | None = None, verify: bool = True,
                            warn: Callable[[str], None] = log.warning) -> dict[str, Any]:

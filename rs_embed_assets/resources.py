@@ -7,18 +7,33 @@ environment variables or resource config (Earth Engine, GPU workers) — see REA
 from __future__ import annotations
 
 import threading
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import dagster as dg
 
 import adapters
 from adapters.specs import env_bool, env_int, env_str
 
-from .catalog import connect_readonly
-from .materialize import EmbeddingSettings, KnobError, read_checkpoint_record, validate_model_knobs  # noqa: F401
-from .providers import Provider, create_provider
 from .settings import enabled_models
-from .storage import Storage
+
+# The code location (and so every run worker, before its first step) imports this module: the data
+# libraries behind storage, providers, the catalog and the embedding loop (xarray, pandas, duckdb, zarr…)
+# are imported where a resource is used, not here (tests/distributed/test_lazy_imports.py).
+if TYPE_CHECKING:
+    from .materialize import EmbeddingSettings
+    from .providers import Provider
+    from .storage import Storage
+
+_FROM_MATERIALIZE = ("EmbeddingSettings", "KnobError", "read_checkpoint_record", "validate_model_knobs")
+
+
+def __getattr__(name: str):
+    """``from rs_embed_assets.resources import KnobError`` etc. still work: re-exported on first use."""
+    if name in _FROM_MATERIALIZE:
+        from . import materialize
+
+        return getattr(materialize, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class StorageResource(dg.ConfigurableResource):
@@ -27,6 +42,8 @@ class StorageResource(dg.ConfigurableResource):
     root: str = env_str("RS_EMBED_ASSETS_DATA_ROOT", "data")
 
     def get(self) -> Storage:
+        from .storage import Storage
+
         return Storage(self.root)
 
 
@@ -37,6 +54,8 @@ class ProviderResource(dg.ConfigurableResource):
     options: dict[str, Any] = {}
 
     def get(self) -> Provider:
+        from .providers import create_provider
+
         opts = dict(self.options)
         if self.kind == "local" and "root" not in opts:
             opts["root"] = env_str("RS_EMBED_ASSETS_LOCAL_DIR", "imagery")
@@ -79,10 +98,14 @@ class ModelResource(dg.ConfigurableResource):
         self.validate()  # a bad knob fails the run before any work, naming the knob and the fix
 
     def validate(self) -> None:
+        from .materialize import validate_model_knobs
+
         validate_model_knobs(batch_size=self.batch_size, min_valid_fraction=self.min_valid_fraction,
                              pooling=self.pooling, dtype=self.dtype, device=self.device)
 
     def load(self, storage: Storage) -> tuple["adapters.Adapter", dict[str, Any]]:
+        from .materialize import read_checkpoint_record
+
         self.validate()
         spec = adapters.get_spec(self.model_id)
         record = read_checkpoint_record(storage, spec.checkpoint_id)
@@ -103,6 +126,8 @@ class ModelResource(dg.ConfigurableResource):
         return adapter, record
 
     def settings(self) -> EmbeddingSettings:
+        from .materialize import EmbeddingSettings
+
         self.validate()
         grid_dtype = (self.grid_dtype or env_str(f"RS_EMBED_{self.model_id.upper()}_GRID_DTYPE", "")
                       or env_str("RS_EMBED_GRID_DTYPE", "float16")).lower()
@@ -124,6 +149,8 @@ class CatalogResource(dg.ConfigurableResource):
         return Path(self.path).expanduser().resolve() if self.path else storage.catalog_path
 
     def connect(self, storage: Storage):
+        from .catalog import connect_readonly
+
         return connect_readonly(self.db_path(storage))
 
 

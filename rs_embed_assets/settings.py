@@ -20,6 +20,14 @@ def enabled_models() -> list[str]:
     return chosen
 
 
+def checkpoint_ids() -> dict[str, str]:
+    """checkpoint id → the first model id that loads it (terrafm_b and terrafm_b_s1 share one)."""
+    out: dict[str, str] = {}
+    for model_id in enabled_models():
+        out.setdefault(adapters.get_spec(model_id).checkpoint_id, model_id)
+    return out
+
+
 def start_month() -> str:
     """RS_EMBED_ASSETS_START_MONTH (YYYY-MM, default 2024-01): the first monthly partition."""
     from .composite import CompositeError, parse_month

@@ -2,11 +2,10 @@
 
 import dagster as dg
 
-from ..catalog import build_catalog, catalog_status, connect_readonly
 from ..resources import CatalogResource, StorageResource
-from ..search import build_indexes
-from ..stac_catalog import write_stac
 from ..settings import enabled_models
+
+# duckdb, faiss and the STAC writer are imported inside the asset: the code location loads without them
 
 # Rebuild whenever any partition of any upstream asset is newly materialised, even while other
 # partitions are missing (eager() also requires `~any_deps_missing`, which a partitioned upstream
@@ -45,6 +44,10 @@ UPSTREAM = [dg.AssetKey(["embeddings", m]) for m in enabled_models()] + [dg.Asse
 )
 def catalog(context: dg.AssetExecutionContext, storage: StorageResource,
             catalog_db: CatalogResource) -> dg.MaterializeResult:
+    from ..catalog import build_catalog, connect_readonly
+    from ..search import build_indexes
+    from ..stac_catalog import write_stac
+
     st = storage.get()
     db_path = catalog_db.db_path(st)
     models = enabled_models()
@@ -95,6 +98,8 @@ def rows_match_manifests(con, models: list[str]) -> dg.AssetCheckResult:
                 # evaluated whenever an upstream partition lands, so a catalog that lags shows it at once
                 automation_condition=dg.AutomationCondition.any_deps_match(dg.AutomationCondition.newly_updated()))
 def catalog_current(storage: StorageResource, catalog_db: CatalogResource) -> dg.AssetCheckResult:
+    from ..catalog import catalog_status
+
     st = storage.get()
     status = catalog_status(st, catalog_db.db_path(st), enabled_models())
     return dg.AssetCheckResult(passed=status["current"], severity=dg.AssetCheckSeverity.WARN,

@@ -8,8 +8,8 @@ import adapters
 
 from adapters import CheckpointError
 
-from ..materialize import checkpoint_ids, materialize_checkpoint
 from ..resources import CheckpointPolicyResource, StorageResource
+from ..settings import checkpoint_ids
 
 
 def checkpoint_file_key(checkpoint_id: str) -> dg.AssetKey:
@@ -97,6 +97,8 @@ def build_checkpoint_asset(checkpoint_id: str, model_id: str) -> dg.AssetsDefini
     )
     def _checkpoint(context: dg.AssetExecutionContext, storage: StorageResource,
                     checkpoint_policy: CheckpointPolicyResource) -> dg.MaterializeResult:
+        from ..materialize import materialize_checkpoint
+
         record = materialize_checkpoint(
             storage.get(), checkpoint_id, allow_random_init=checkpoint_policy.allow_random_init,
             allow_download=checkpoint_policy.allow_download, verify=checkpoint_policy.verify_strict_load,

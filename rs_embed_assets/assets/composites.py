@@ -5,7 +5,6 @@ import dagster as dg
 from .. import routing
 from ..automation import composite_condition
 from ..composite import SENSORS
-from ..materialize import materialize_composite
 from ..partitions import BATCH_POLICY, TILE_MONTH, split_key
 from ..resources import ProviderResource, StorageResource
 from .lineage import compact, composite_partition_metadata, partition_check_events, partition_check_spec
@@ -38,6 +37,8 @@ def build_composite_asset(sensor: str) -> dg.AssetsDefinition:
             "(a lost chunk reads as fill values), nodata elsewhere, valid_fraction as the counts say.")],
     )
     def _composite(context: dg.AssetExecutionContext, storage: StorageResource, provider: ProviderResource):
+        from ..materialize import materialize_composite  # numpy/xarray/zarr: imported by the step, not the code location
+
         st, prov = storage.get(), provider.get()
         with completed_partitions(context) as done:  # a failure part-way records the partitions committed before it
             for key in context.partition_keys:

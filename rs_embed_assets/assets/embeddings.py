@@ -11,7 +11,6 @@ import adapters
 from .. import routing
 from ..automation import embedding_condition
 from ..embedding import code_version
-from ..materialize import materialize_embeddings
 from ..partitions import BATCH_POLICY, TILE_MONTH, split_key
 from .lineage import embedding_partition_metadata, partition_check_events, partition_check_spec, vectors_column_schema
 from ..resources import model_resource_key
@@ -78,6 +77,8 @@ def build_embedding_asset(model_id: str) -> dg.AssetsDefinition:
                   "checkpoint_file": spec.checkpoint.filename},
     )
     def _embeddings(context: dg.AssetExecutionContext):
+        from ..materialize import materialize_embeddings  # xarray/zarr: imported by the step, not the code location
+
         storage = context.resources.storage.get()
         model_res = getattr(context.resources, model_resource_key(model_id))
         try:

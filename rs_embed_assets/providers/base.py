@@ -9,11 +9,12 @@ exception: it is an ``empty_composite`` with ``status="empty"`` and the reason r
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
-
-import xarray as xr
+from typing import TYPE_CHECKING, Any
 
 from ..grid import Tile
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 
 class ProviderError(RuntimeError):

@@ -21,6 +21,33 @@ def test_code_location_and_specs_load_without_torch():
     assert not any(m in mods for m in ("adapters.base", "adapters.fomo", "adapters.agrifm", "adapters.checkpoints"))
 
 
+# Libraries only steps need. Every run worker (and, with the multiprocess executor, every step process)
+# imports the code location before its first step, so each of these at module level would be paid by
+# every run before STEP_START (benchmarks/bench_backfill.py --skip-plan; README "run overhead").
+# numpy and pyarrow stay: the embedding assets' column schema is the pyarrow schema that writes the
+# vectors, and their code version hashes the embedding module.
+STEP_ONLY = {"xarray", "pandas", "duckdb", "zarr", "numcodecs", "pyproj", "shapely", "rasterio", "pystac",
+             "pystac_client", "PIL", "geopandas", "polars", "faiss", "scipy", "dask", "stac_geoparquet"}
+STEP_ONLY_OWN = {"rs_embed_assets.materialize", "rs_embed_assets.catalog", "rs_embed_assets.search",
+                 "rs_embed_assets.stac_catalog", "rs_embed_assets.checks", "rs_embed_assets.providers.sample",
+                 "rs_embed_assets.providers.local", "rs_embed_assets.providers.gee", "rs_embed_assets.providers.stac"}
+
+
+def test_code_location_loads_without_the_libraries_only_steps_need():
+    mods = _modules_after("import rs_embed_assets.definitions")
+    loaded = sorted(m for m in mods if m.split(".")[0] in STEP_ONLY)
+    assert not loaded, f"the code location imported {sorted({m.split('.')[0] for m in loaded})}: import them where used"
+    assert not mods & STEP_ONLY_OWN, f"the code location imported {sorted(mods & STEP_ONLY_OWN)}"
+
+
+def test_names_moved_out_of_module_level_still_import_from_where_they_were():
+    from rs_embed_assets import materialize, resources, settings
+
+    assert resources.KnobError is materialize.KnobError
+    assert resources.EmbeddingSettings is materialize.EmbeddingSettings
+    assert materialize.checkpoint_ids is settings.checkpoint_ids
+
+
 def test_every_adapter_uses_the_spec_the_registry_serves():
     for model_id in adapters.list_models():
         cls = adapters.get_adapter_class(model_id)
