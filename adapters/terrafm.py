@@ -45,15 +45,16 @@ Two knobs change what the network sees and are recorded in ``preprocessing_spec`
     not a modelling decision (TOA reflectance differs systematically from BOA, most in B1/B2).
     ``l1c`` reproduces rs-embed bit for bit.
 
-``RS_EMBED_TERRAFM_S1_SCALING`` = ``tile`` (default) | ``chip``
-    Where the 99th percentile of the S1 scaling is taken. ``chip`` is rs-embed (one percentile per
-    224 px input). **Default ``tile``**: the percentile is computed once over the whole tile-month
-    composite in ``Adapter.tile_context()`` and every chip of that tile is divided by it. Per-chip
-    scaling gives neighbouring chips of one scene different gains (a chip over calm water is
-    stretched until its noise reaches 1.0), so grids of adjacent chips are not comparable and
-    seams appear; one gain per tile-month keeps relative backscatter within a tile intact while
-    remaining deterministic (the value is recorded with the tile's lineage). ``chip`` reproduces
-    rs-embed exactly.
+``RS_EMBED_TERRAFM_S1_SCALING`` = ``chip`` (default) | ``tile``
+    Where the 99th percentile of the S1 scaling is taken. **Default ``chip``**, rs-embed's: one
+    percentile per 224 px input, so a chip's vector depends only on its own pixels and is the same
+    whatever the partition it was embedded in (whole tile or any sub-tiling). ``tile``: the
+    percentile is computed once over the partition's composite in ``Adapter.tile_context()`` and
+    every chip is divided by it. Per-chip scaling gives neighbouring chips of one scene different
+    gains (a chip over calm water is stretched until its noise reaches 1.0); one gain per
+    tile-month keeps relative backscatter within a tile comparable, but the gain is taken over the
+    partition's window, so with sub-tiled partitions (k > 1) a chip's vector depends on k. Use it
+    for whole-tile catalogs (the value is recorded with the tile's lineage).
 
 Other knobs: ``RS_EMBED_TERRAFM_IMG`` (network input size, default 224, multiple of 16; other
 sizes interpolate the position embedding), ``RS_EMBED_TERRAFM_BATCH_SIZE`` (default CPU 8 / CUDA 64),
@@ -99,7 +100,7 @@ class TerraFMConfig:
     pretrain_image_size: int = 224  # fixes pos_embed (1, (224/16)²+1, D) in the checkpoint
     image_size: int = 224  # network input; other sizes interpolate the position embedding
     s2_stem: str = "l2a"
-    s1_scaling: str = "tile"
+    s1_scaling: str = "chip"
     batch_size: int = 0  # 0: the spec's per-device default
 
     def __post_init__(self) -> None:
@@ -108,7 +109,7 @@ class TerraFMConfig:
                                f"{', '.join(S2_STEMS)} (l2a: the surface-reflectance stem; l1c: rs-embed's routing)")
         if self.s1_scaling not in S1_SCALINGS:
             raise AdapterError(f"RS_EMBED_TERRAFM_S1_SCALING={self.s1_scaling!r} is not supported; use one of "
-                               f"{', '.join(S1_SCALINGS)} (tile: one percentile per tile-month; chip: rs-embed)")
+                               f"{', '.join(S1_SCALINGS)} (chip: rs-embed, the default; tile: one percentile per partition)")
         if self.image_size <= 0 or self.image_size % self.patch_size:
             raise AdapterError(f"RS_EMBED_TERRAFM_IMG={self.image_size} must be a positive multiple of the "
                                f"patch size {self.patch_size}")
@@ -130,7 +131,7 @@ class TerraFMConfig:
         return cls(
             image_size=env_int("RS_EMBED_TERRAFM_IMG", 224),
             s2_stem=env_str("RS_EMBED_TERRAFM_S2_STEM", "l2a").lower(),
-            s1_scaling=env_str("RS_EMBED_TERRAFM_S1_SCALING", "tile").lower(),
+            s1_scaling=env_str("RS_EMBED_TERRAFM_S1_SCALING", "chip").lower(),
             batch_size=env_int("RS_EMBED_TERRAFM_BATCH_SIZE", 0),
         )
 

@@ -96,3 +96,48 @@ def test_subtile_without_chips_records_an_empty_outcome(tmp_path):
     assert man["status"] == "no_chips" and man["rows"] == 0 and man["grid_path"] is None
     assert any("owns no 512 px chip" in line for line in logs)
     assert pq.read_table(st.vectors_path("standin512", key, "2024-07")).num_rows == 0
+
+
+def _shared_chip(chip: int) -> tuple[str, str, tuple[int, int]]:
+    """A k=20 and a k=36 sub-tile key that both hold lattice chip (row, col) of size ``chip``."""
+    from rs_embed_assets.grid import subtile_span
+
+    lat = chip_lattice(subtile("31UFU", 20, 11, 7), chip)
+    row, col = lat.row0, lat.col0
+    r36 = next(i for i in range(36) if subtile_span(36, i)[0] <= row * chip < subtile_span(36, i)[1])
+    c36 = next(i for i in range(36) if subtile_span(36, i)[0] <= col * chip < subtile_span(36, i)[1])
+    return "31UFU-k20-r11-c07", f"31UFU-k36-r{r36:02d}-c{c36:02d}", (row, col)
+
+
+@pytest.mark.parametrize("model_id", ["fomo", "terrafm_b", "terrafm_b_s1", "scalemae_rgb", "agrifm", "dynamicvis"])
+def test_what_reaches_each_model_for_a_chip_does_not_depend_on_k(tmp_path, model_id):
+    """Each model's own preprocessing, with the partition's tile statistics and default knobs, turns a chip
+    into the same network input whichever sub-tiling embeds it (the stand-in network cannot show this)."""
+    import torch
+
+    import adapters
+    from rs_embed_assets.embedding import _batches, plan_chips, tile_context_of, to_float32
+    from rs_embed_assets.grid import parse_tile_key
+    from rs_embed_assets.materialize import shift_month
+
+    cls = adapters.get_adapter_class(model_id)
+    ad = cls.__new__(cls)  # preprocessing needs the config, not the network
+    ad.config, ad.device = cls.default_config(), torch.device("cpu")
+    spec = ad.spec
+    months = [shift_month("2024-07", -i) for i in range(ad.frames - 1, -1, -1)]
+    st, provider = Storage(tmp_path), create_provider("sample")
+    inputs = []
+    for key in _shared_chip(spec.chip_size)[:2]:
+        for m in months:
+            materialize_composite(st, provider, spec.sensor, key, m)
+        readers = [st.open_composite(spec.sensor, key, m) for m in months]
+        bidx = [[r.bands.index(b) for b in spec.bands] for r in readers]
+        lat = chip_lattice(parse_tile_key(key), spec.chip_size)
+        ctx = tile_context_of(ad, readers, lat, bidx)
+        plan = plan_chips(readers, lat)
+        want = _shared_chip(spec.chip_size)[2]
+        plan.positions[:] = [p for p in plan.positions if p == want]
+        assert plan.positions, f"chip {want} must be owned by {key}"
+        (pos, raw), = list(_batches(plan, readers, bidx, 1, lambda raw: raw))
+        inputs.append(ad.preprocess(to_float32(raw), bands=spec.bands, tile_context=ctx))
+    assert torch.equal(inputs[0], inputs[1])

@@ -256,9 +256,14 @@ def test_s1_chip_scaling_matches_rs_embed():
     assert ad.tile_context(raw[0]) == {}
 
 
+def test_s1_scaling_defaults_to_rs_embeds_per_chip_percentile():
+    """The default keeps a chip's vector independent of the partition (sub-tiling) it is embedded in."""
+    ad = adapter(TerraFMS1Adapter)
+    assert ad.config.s1_scaling == "chip" and ad.tile_context(np.ones((2, 8, 8), np.float32)) == {}
+
+
 def test_s1_tile_scaling_uses_one_percentile_per_tile():
-    ad = adapter(TerraFMS1Adapter)  # default: tile
-    assert ad.config.s1_scaling == "tile"
+    ad = adapter(TerraFMS1Adapter, s1_scaling="tile")
     rng = np.random.default_rng(3)
     tile = rng.gamma(1.0, 0.08, size=(2, 128, 128)).astype(np.float32)
     tile[:, :64, :64] *= 10.0  # one bright quadrant
@@ -283,7 +288,7 @@ def test_s1_db_input_rejected():
     with pytest.raises(AdapterError, match="dB"):
         ad.preprocess(db)
     with pytest.raises(AdapterError, match="dB"):
-        adapter(TerraFMS1Adapter).tile_context(db[0])
+        adapter(TerraFMS1Adapter, s1_scaling="tile").tile_context(db[0])
 
 
 def test_wrong_channels_and_band_order():
@@ -326,7 +331,7 @@ def test_env_knobs(monkeypatch):
 
 def test_defaults_spec_and_provenance(monkeypatch):
     cfg = TerraFMConfig()
-    assert (cfg.s2_stem, cfg.s1_scaling) == ("l2a", "tile")
+    assert (cfg.s2_stem, cfg.s1_scaling) == ("l2a", "chip")
     for model_id, cls, bands in [("terrafm_b", TerraFMS2Adapter, S2_BANDS), ("terrafm_b_s1", TerraFMS1Adapter, S1_BANDS)]:
         assert adapters.get_adapter_class(model_id) is cls
         spec = cls.spec
@@ -343,9 +348,9 @@ def test_defaults_spec_and_provenance(monkeypatch):
     assert adapter(TerraFMS2Adapter, batch_size=3).batch_size() == 3 and l2a.batch_size() == 8
     # the S2 model's hash ignores the S1 knob and vice versa
     assert adapter(TerraFMS2Adapter, s1_scaling="chip").preprocessing_hash() == l2a.preprocessing_hash()
-    s1_tile, s1_chip = adapter(TerraFMS1Adapter), adapter(TerraFMS1Adapter, s1_scaling="chip")
+    s1_tile, s1_chip = adapter(TerraFMS1Adapter, s1_scaling="tile"), adapter(TerraFMS1Adapter)
     assert s1_tile.preprocessing_hash() != s1_chip.preprocessing_hash()
-    assert adapter(TerraFMS1Adapter, s2_stem="l1c").preprocessing_hash() == s1_tile.preprocessing_hash()
+    assert adapter(TerraFMS1Adapter, s1_scaling="tile", s2_stem="l1c").preprocessing_hash() == s1_tile.preprocessing_hash()
     assert s1_tile.preprocessing_spec()["stem"] == "s1" and "tile" in s1_tile.preprocessing_spec()["scaling"]
 
 
@@ -443,7 +448,7 @@ def test_the_s1_adapter_streams_its_tile_context(tmp_path):
     tile = rng.gamma(2.0, 0.05, size=(2, 120, 90)).astype(np.float32)
     tile[:, :7, :5] = np.nan
     ad = TerraFMS1Adapter.__new__(TerraFMS1Adapter)  # the statistic needs the config, not the network
-    ad.config = TerraFMS1Adapter.default_config()
+    ad.config = dataclass_replace(TerraFMS1Adapter.default_config(), s1_scaling="tile")
     whole = ad.tile_context(tile, bands=("VV", "VH"))
     streamed = ad.tile_context_blocks(lambda: (tile[:, y:y + 50] for y in range(0, 120, 50)), bands=("VV", "VH"))
     assert streamed["s1_pixels"] == whole["s1_pixels"]
