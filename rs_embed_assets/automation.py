@@ -5,6 +5,8 @@
 - ``monthly_automation``   declarative automation of composites and embeddings (default: stopped:
                            starting it is a decision to spend imagery quota and GPU time)
 - ``catalog_automation``   rebuilds the catalog after embeddings change (default: running, CPU, seconds)
+- ``pool_slots_sensor``    tells a run that waits for a pool slot held by a dead run so, in its own log
+                           (default: running, read-only apart from those log lines; ``slots.py``)
 
 Automation launches only what can succeed. Every asset's condition is ANDed with labelled
 conditions that the UI shows in each evaluation (Automation tab → the asset → a tick):
@@ -25,6 +27,7 @@ import dagster as dg
 
 from .grid import AOI, TileError, canonical_tile_key, parse_tile_key, tiles_for_aoi
 from .partitions import TILES, split_key
+from .slots import report_blocked_runs
 
 AOI_FILE_ENV = "RS_EMBED_ASSETS_AOI_FILE"
 
@@ -103,6 +106,30 @@ def tile_keys_sensor(context: dg.SensorEvaluationContext):
         f"{len(bad)} of {len(keys)} tile partitions are not valid tiles and will never be materialised by "
         f"automation: {listed}{' …' if len(bad) > 5 else ''}. Remove them with "
         f"`rs-embed-assets tiles remove {' '.join(list(bad)[:5])}`.")
+
+
+@dg.sensor(
+    name="pool_slots_sensor",
+    minimum_interval_seconds=5,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Finds runs waiting for a `gpu`, `imagery` or `duckdb_writer` slot held by a dead run (ended, or "
+                "its process gone) and writes once into each waiting run's log who holds the slot, why that run "
+                "is dead and when run monitoring frees the slot (and a line when it is free). It changes no run "
+                "and no slot.",
+)
+def pool_slots_sensor(context: dg.SensorEvaluationContext):
+    # runs in the code location, so `dagster dev` / `rs-embed-assets dev` run it with the daemon, no extra process;
+    # the cursor remembers which (waiting run, holder) pairs were told, so nothing is repeated every tick
+    try:
+        reported = json.loads(context.cursor) if context.cursor else {}
+    except json.JSONDecodeError:
+        reported = {}
+    state = report_blocked_runs(context.instance, reported if isinstance(reported, dict) else {})
+    context.update_cursor(json.dumps(state, sort_keys=True))
+    if not state:
+        return dg.SkipReason("no run waits for a pool slot held by a dead run")
+    return dg.SkipReason(f"{len(state)} run(s) wait for a pool slot held by a dead run; each run's log says which "
+                         "and when it is freed")
 
 
 @lru_cache(maxsize=4096)

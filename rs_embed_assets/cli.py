@@ -1,4 +1,4 @@
-"""Command line: ``rs-embed-assets demo | dev | tiles ... | similar ...``."""
+"""Command line: ``rs-embed-assets demo | dev | tiles ... | similar ... | slots ...``."""
 
 from __future__ import annotations
 
@@ -311,6 +311,26 @@ def add_doctor_parser(sub, data_root_default: str) -> None:
     d.set_defaults(func=cmd_doctor)
 
 
+def cmd_slots(args) -> int:
+    from .slots import free_dead_run_slots, slot_report
+
+    instance = get_instance()
+    if args.action == "free":
+        if not args.run_id:
+            raise ValueError("give the run id whose slots to free: rs-embed-assets slots free RUN_ID")
+        freed, why = free_dead_run_slots(instance, args.run_id)
+        print(f"freed {freed} pool slot(s) of run {args.run_id}, which {why}")
+        return 0
+    for pool in slot_report(instance):
+        print(f"{pool['pool']}: {len(pool['holders'])}/{pool['limit']} slots held, {len(pool['waiting'])} waiting")
+        for h in pool["holders"]:
+            state = f"DEAD: {h['dead']}; free with `rs-embed-assets slots free {h['run_id']}`" if h["dead"] else "alive"
+            print(f"  held by run {h['run_id']} step {h['step_key']} ({state})")
+        for w in pool["waiting"]:
+            print(f"  waiting: run {w['run_id']}" + (f" step {w['step_key']}" if w["step_key"] else " (queued)"))
+    return 0
+
+
 def cmd_cluster(args) -> int:
     from .cluster import main as cluster_main
 
@@ -375,6 +395,12 @@ def main(argv: list[str] | None = None) -> int:
     e.set_defaults(func=cmd_export)
 
     add_doctor_parser(sub, data_root_default)
+
+    sl = sub.add_parser("slots", help="pool slots (gpu, imagery, duckdb_writer): who holds them, who waits, and "
+                                      "free the slots of a dead run")
+    sl.add_argument("action", nargs="?", choices=["status", "free"], default="status")
+    sl.add_argument("run_id", nargs="?", help="free: the dead run whose slots to free (refused for a live run)")
+    sl.set_defaults(func=cmd_slots)
 
     c = sub.add_parser("cluster", help="the distributed profile on 127.0.0.1: Postgres, Redis, Celery gpu/imagery "
                                        "workers, daemon and webserver (docs/deployment.md)")

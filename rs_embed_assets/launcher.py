@@ -22,6 +22,7 @@ reports a run started on another host (or one that has not reported its pid yet)
 from __future__ import annotations
 
 import socket
+from dataclasses import dataclass
 from typing import Any
 
 from dagster._core.events import DagsterEventType
@@ -46,27 +47,48 @@ class LocalRunLauncher(DefaultRunLauncher):
         return True
 
     def check_run_worker_health(self, run: DagsterRun) -> CheckRunHealthResult:
-        fresh = self._instance.get_run_by_id(run.run_id) or run
-        host = fresh.tags.get(HOST_TAG)
-        # run monitoring fails any status but RUNNING/SUCCESS, so "cannot tell" must answer RUNNING
-        if host is not None and host != socket.gethostname():
-            return CheckRunHealthResult(WorkerStatus.RUNNING, f"run worker runs on {host}, not checkable here")
-        found = run_worker_pid(self._instance, run.run_id)
-        if found is None:
-            return CheckRunHealthResult(WorkerStatus.RUNNING, "run worker has not reported its pid yet")
-        pid, started_at = found
-        if not process_alive_since(pid, started_at):
-            return CheckRunHealthResult(WorkerStatus.FAILED, f"run worker process {pid} is gone (killed or crashed)")
-        dead = dead_step_workers(self._instance, run.run_id)
-        if dead:
+        health = worker_health(self._instance, run)
+        if health.dead_step is not None and health.run_worker_pid is not None:
             # a step executor (e.g. a Celery worker) died mid-step: its result will never come and the run
             # worker would wait for ever. Interrupt the run worker (the executor then revokes what it
             # submitted and the run ends FAILED), and report the run failed.
-            step_key, step_pid = dead[0]
-            _terminate(pid)
-            return CheckRunHealthResult(WorkerStatus.FAILED, f"the process {step_pid} executing step {step_key} is "
-                                                             "gone (killed or crashed)")
-        return CheckRunHealthResult(WorkerStatus.RUNNING)
+            _terminate(health.run_worker_pid)
+        return CheckRunHealthResult(health.status, health.reason)
+
+
+@dataclass(frozen=True)
+class WorkerHealth:
+    """What the health check found: ``status`` FAILED means the run's process (or a step's) is gone."""
+
+    status: WorkerStatus
+    reason: str = ""
+    run_worker_pid: int | None = None
+    dead_step: tuple[str, int] | None = None  # (step key, pid) of a gone step process in a live run worker
+
+
+def worker_health(instance: Any, run: DagsterRun) -> WorkerHealth:
+    """Whether the processes of a STARTED run are alive, without side effects (the one health check).
+
+    Used by ``LocalRunLauncher`` for run monitoring and by :mod:`rs_embed_assets.slots` to explain
+    why a pool slot is held by a dead run. "Cannot tell" answers RUNNING: run monitoring fails any
+    status but RUNNING/SUCCESS.
+    """
+    fresh = instance.get_run_by_id(run.run_id) or run
+    host = fresh.tags.get(HOST_TAG)
+    if host is not None and host != socket.gethostname():
+        return WorkerHealth(WorkerStatus.RUNNING, f"run worker runs on {host}, not checkable here")
+    found = run_worker_pid(instance, run.run_id)
+    if found is None:
+        return WorkerHealth(WorkerStatus.RUNNING, "run worker has not reported its pid yet")
+    pid, started_at = found
+    if not process_alive_since(pid, started_at):
+        return WorkerHealth(WorkerStatus.FAILED, f"run worker process {pid} is gone (killed or crashed)", pid)
+    dead = dead_step_workers(instance, run.run_id)
+    if dead:
+        step_key, step_pid = dead[0]
+        return WorkerHealth(WorkerStatus.FAILED, f"the process {step_pid} executing step {step_key} is gone "
+                                                 "(killed or crashed)", pid, dead[0])
+    return WorkerHealth(WorkerStatus.RUNNING, "", pid)
 
 
 def run_worker_pid(instance: Any, run_id: str) -> tuple[int, float] | None:
