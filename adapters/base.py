@@ -326,6 +326,25 @@ class Adapter:
         """
         raise NotImplementedError
 
+    def device_preprocessing(self) -> bool:
+        """Whether ``preprocess_tensor`` gives ``preprocess``'s values for this configuration.
+
+        GPU workers then copy the raw batch (stored dtype) and preprocess it on the device, so the host
+        only reads, verifies and cuts chips. Adapters whose preprocessing has no exact tensor version
+        (PIL resizes, per-chip percentiles) return False and are preprocessed on the host.
+        """
+        return False
+
+    def preprocess_tensor(self, raw: torch.Tensor, *, bands: tuple[str, ...] | None = None,
+                          tile_context: dict[str, Any] | None = None) -> torch.Tensor:
+        """``preprocess`` of a raw batch that is already a tensor, where it lives (the GPU on workers).
+
+        The same values as ``preprocess`` (tested on CPU, element for element); only called when
+        ``device_preprocessing()`` is true.
+        """
+        raise AdapterError(f"{self.spec.model_id} has no tensor preprocessing for this configuration; "
+                           "use preprocess()")
+
     def place(self, x: torch.Tensor, device: str | torch.device | None = None) -> torch.Tensor:
         """A preprocessed float32 batch on ``device`` (default: the adapter's); the end of every ``preprocess``."""
         return x.to(self.device if device is None else torch.device(device), dtype=torch.float32)
@@ -430,7 +449,7 @@ class _CompiledForward:
         return self.adapter.forward_embeddings(x, **kwargs)
 
 
-def check_raw_input(raw: np.ndarray, spec: ModelSpec, *, ndim: int, channels: int | None = None,
+def check_raw_input(raw: np.ndarray | torch.Tensor, spec: ModelSpec, *, ndim: int, channels: int | None = None,
                     bands: tuple[str, ...] | list[str] | None = None,
                     expected_bands: tuple[str, ...] | None = None) -> np.ndarray:
     """Validate a raw batch against a spec; the error names the expected layout and band order.
@@ -438,7 +457,7 @@ def check_raw_input(raw: np.ndarray, spec: ModelSpec, *, ndim: int, channels: in
     ``bands`` (optional) names the channels of ``raw``; when given it must equal the model's band
     order, so a stack in the wrong order fails instead of producing silently wrong embeddings.
     """
-    arr = np.asarray(raw)
+    arr = raw if isinstance(raw, torch.Tensor) else np.asarray(raw)  # only the shape is checked
     expected_bands = tuple(spec.bands if expected_bands is None else expected_bands)
     channels = len(expected_bands) if channels is None else channels
     if bands is not None and tuple(bands) != expected_bands:

@@ -24,7 +24,7 @@ from torch import nn
 
 from .base import (Adapter, AdapterError, CheckpointError, CheckpointSource, ModelSpec, check_raw_input, env_int,
                    env_int_tuple, env_str)
-from .preprocess import finite_or_zero, pad_square, resize_bilinear
+from .preprocess import finite_or_zero, finite_or_zero_tensor, pad_square, resize_bilinear
 
 from .specs import FOMO as _SPEC, FOMO_BANDS as S2_BANDS, FOMO_URL  # noqa: F401 (spec data: torch-free)
 
@@ -218,6 +218,25 @@ class FomoAdapter(Adapter):
             x = (x - lo) / np.maximum(hi - lo, 1e-6)
         t = torch.from_numpy(np.ascontiguousarray(pad_square(x)))
         return self.place(resize_bilinear(t, self.config.image_size), device)
+
+    def device_preprocessing(self) -> bool:
+        return True  # the engine's chips are square (no padding) and the resize is torch's in both paths
+
+    def preprocess_tensor(self, raw: torch.Tensor, *, bands: tuple[str, ...] | None = None,
+                          tile_context: dict[str, Any] | None = None) -> torch.Tensor:
+        """``preprocess`` on a tensor of square chips, on its device: the same float32 operations."""
+        x = check_raw_input(raw, self.spec, ndim=4, bands=bands)
+        if x.shape[-1] != x.shape[-2]:
+            raise AdapterError(f"fomo tensor preprocessing takes square chips, got {tuple(x.shape[-2:])}; "
+                               "preprocess() pads non-square chips")
+        x = torch.clamp(finite_or_zero_tensor(x), 0.0, 10000.0)
+        if self.config.norm in ("unit_scale", "per_tile_minmax"):
+            x = x / 10000.0
+        if self.config.norm == "per_tile_minmax":
+            lo = x.amin(dim=(2, 3), keepdim=True)
+            hi = x.amax(dim=(2, 3), keepdim=True)
+            x = (x - lo) / torch.clamp_min(hi - lo, 1e-6)
+        return resize_bilinear(x.contiguous(), self.config.image_size)
 
     def forward_embeddings(self, x: torch.Tensor, *, pooling: str = "mean", **_: Any):
         tokens = self.model.forward_features(self.to_device(x), self.config.s2_keys)

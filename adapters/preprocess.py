@@ -25,6 +25,17 @@ def finite_or_zero(arr: np.ndarray) -> np.ndarray:
     return x
 
 
+def finite_or_zero_tensor(x: torch.Tensor) -> torch.Tensor:
+    """``finite_or_zero`` for a tensor on any device: float32, NaN / ±inf -> 0.
+
+    uint16 (the S2 composites' stored dtype, what GPU workers copy) is widened through its int16 bit
+    pattern: CUDA kernels cover only a few operations on unsigned 16-bit tensors, int16/int32 all of them.
+    """
+    if x.dtype == torch.uint16:
+        return x.view(torch.int16).to(torch.int32).bitwise_and_(0xFFFF).to(torch.float32)
+    return torch.nan_to_num(x.to(torch.float32), nan=0.0, posinf=0.0, neginf=0.0)
+
+
 def pad_square(x: np.ndarray) -> np.ndarray:
     """Centre-pad the last two axes to a square: reflect, or edge when the pad is not smaller than the side
     (rs-embed ``prepare_square(..., shape_adjust="pad")``). A square input is returned unchanged."""
@@ -60,6 +71,21 @@ def sr_rgb_to_imagenet(rgb: np.ndarray, size: int) -> torch.Tensor:
     out = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(chip.transpose(1, 2, 0)), mode="RGB")
                                .resize((size, size), resample=Image.BICUBIC)) for chip in u8])
     t = torch.from_numpy(out).permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
+    return _imagenet(t)
+
+
+def _imagenet(t: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=t.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=t.device).view(1, 3, 1, 1)
     return (t - mean) / std
+
+
+def sr_rgb_to_imagenet_tensor(rgb: torch.Tensor, size: int) -> torch.Tensor:
+    """``sr_rgb_to_imagenet`` on a tensor (any device) for chips already ``size`` × ``size``: PIL's
+    resize is then the identity, and every other step is the same float32 arithmetic and the same
+    truncating conversion to uint8, so the values are identical."""
+    if tuple(rgb.shape[-2:]) != (size, size):
+        raise ValueError(f"tensor preprocessing needs {size}×{size} chips (PIL resizes otherwise), got "
+                         f"{tuple(rgb.shape[-2:])}")
+    u8 = (torch.clamp(finite_or_zero_tensor(rgb) / 10000.0, 0.0, 1.0) * 255.0).to(torch.uint8)
+    return _imagenet(u8.to(torch.float32).div_(255.0))

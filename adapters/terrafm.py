@@ -78,7 +78,7 @@ from torch import nn
 
 from .base import (Adapter, AdapterError, CheckpointError, CheckpointSource, ModelSpec, check_raw_input, env_int,
                    env_str)
-from .preprocess import finite_or_zero, resize_bilinear
+from .preprocess import finite_or_zero, finite_or_zero_tensor, resize_bilinear
 
 from .specs import (TERRAFM_B as _S2_SPEC, TERRAFM_B_S1 as _S1_SPEC, TERRAFM_CHECKPOINT,  # noqa: F401
                     TERRAFM_S1_BANDS as S1_BANDS, TERRAFM_S2_BANDS as S2_BANDS)
@@ -407,6 +407,16 @@ class TerraFMS2Adapter(_TerraFMAdapter):
         x = np.clip(finite_or_zero(arr) / 10000.0, 0.0, 1.0).astype(np.float32)
         t = resize_bilinear(torch.from_numpy(np.ascontiguousarray(x)), self.config.image_size)
         return self.place(t, device)
+
+    def device_preprocessing(self) -> bool:
+        return True
+
+    def preprocess_tensor(self, raw: torch.Tensor, *, bands: tuple[str, ...] | None = None,
+                          tile_context: dict[str, Any] | None = None) -> torch.Tensor:
+        """``preprocess`` on a tensor, on its device: clip(raw/10000, 0, 1), resized (same float32 operations)."""
+        x = check_raw_input(raw, self.spec, ndim=4, bands=bands)
+        x = torch.clamp(finite_or_zero_tensor(x) / 10000.0, 0.0, 1.0)
+        return resize_bilinear(x.contiguous(), self.config.image_size)
 
 
 class TerraFMS1Adapter(_TerraFMAdapter):

@@ -532,10 +532,16 @@ def embed_partition(adapter, readers: Sequence, *, tile: Tile, month: str, prove
     gsink = GridSink(grid_writer, lattice, spec.grid_size, spec.embed_dim, grid_dtype) if grid_writer else None
 
     feeder = adapter.device_feeder()
+    on_device = feeder.overlap and adapter.device_preprocessing()
 
     def prepare(raw: np.ndarray):
-        # runs on the prefetch thread while the model runs the previous batch: read, convert, preprocess;
-        # on CUDA the batch stays in pinned host memory and the main thread copies it on a side stream
+        # runs on the prefetch thread while the model runs the previous batch. On CUDA the batch stays in
+        # pinned host memory and the main thread copies it on a side stream: raw, in the stored dtype, when
+        # the adapter preprocesses on the device (the host only reads, verifies and cuts), else preprocessed.
+        if on_device:
+            import torch  # only in embedding steps, where the adapter has loaded it already
+
+            return feeder.pin(torch.from_numpy(np.ascontiguousarray(raw)))
         if feeder.overlap:
             x = adapter.preprocess(to_float32(raw), bands=spec.bands, tile_context=tile_ctx,
                                    device=feeder.host_device)
@@ -550,6 +556,8 @@ def embed_partition(adapter, readers: Sequence, *, tile: Tile, month: str, prove
     try:
         for positions, x in feeder.iter_on_device(fetch):
             tf = time.perf_counter()
+            if on_device:
+                x = adapter.preprocess_tensor(x, bands=spec.bands, tile_context=tile_ctx)
             out = adapter.embed(x, pooling=opts.pooling, **fwd_kwargs)
             pooled, grids = out.numpy()
             forward_s += time.perf_counter() - tf

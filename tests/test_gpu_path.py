@@ -172,7 +172,8 @@ def test_device_feeder_pins_copies_on_a_side_stream_one_batch_ahead():
 
 
 def test_engine_cuda_feed_path_gives_the_same_rows(tmp_path, fomo, monkeypatch):
-    """The engine's CUDA branch (host preprocess, pin, side-stream copy) on the CPU: same vectors."""
+    """The engine's CUDA branch on the CPU (pin, side-stream copy; preprocessing on the device, or on the host
+    where the adapter has no tensor path): the same vectors as the plain path."""
     import pyarrow.parquet as pq
 
     from rs_embed_assets.materialize import EmbeddingSettings, materialize_composite, materialize_embeddings
@@ -184,14 +185,21 @@ def test_engine_cuda_feed_path_gives_the_same_rows(tmp_path, fomo, monkeypatch):
     materialize_composite(st, create_provider("sample"), "s2", key, "2024-07")
     materialize_embeddings(st, fomo, key, "2024-07", ck, EmbeddingSettings(batch_size=4, grid_dtype="float32"))
     plain = pq.read_table(st.vectors_path("fomo", key, "2024-07"))
-    cuda, hosts = RecordingCuda(), []
-    monkeypatch.setattr(fomo, "device_feeder", lambda: DeviceFeeder(
-        "cpu", cuda=cuda, overlap=True, pin_memory=lambda t: hosts.append(t.device.type) or t))
-    materialize_embeddings(st, fomo, key, "2024-07", ck, EmbeddingSettings(batch_size=4, grid_dtype="float32"))
-    fed = pq.read_table(st.vectors_path("fomo", key, "2024-07"))
-    assert hosts == ["cpu"] * 4  # 16 chips in batches of 4, each pinned on the host
-    assert sum(c[0] == "wait" for c in cuda.calls) == 4
-    assert fed.column("embedding").to_pylist() == plain.column("embedding").to_pylist()
+    for device_side in (True, False):
+        cuda, pinned = RecordingCuda(), []
+        monkeypatch.setattr(fomo, "device_feeder", lambda: DeviceFeeder(
+            "cpu", cuda=cuda, overlap=True, pin_memory=lambda t: pinned.append((t.device.type, t.dtype)) or t))
+        monkeypatch.setattr(fomo, "device_preprocessing", lambda: device_side)
+        host_preprocess = []
+        monkeypatch.setattr(fomo, "preprocess", lambda *a, _p=type(fomo).preprocess, **k: host_preprocess.append(1)
+                            or _p(fomo, *a, **k))
+        materialize_embeddings(st, fomo, key, "2024-07", ck, EmbeddingSettings(batch_size=4, grid_dtype="float32"))
+        fed = pq.read_table(st.vectors_path("fomo", key, "2024-07"))
+        # 16 chips in batches of 4, each pinned on the host: raw uint16 when the device preprocesses
+        assert pinned == [("cpu", torch.uint16 if device_side else torch.float32)] * 4
+        assert len(host_preprocess) == (0 if device_side else 4)
+        assert sum(c[0] == "wait" for c in cuda.calls) == 4
+        assert fed.column("embedding").to_pylist() == plain.column("embedding").to_pylist()
 
 
 @pytest.mark.slow  # compiling takes about a minute on 2 cores
