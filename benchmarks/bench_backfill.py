@@ -239,6 +239,7 @@ def main() -> None:
     import dagster
 
     result["dagster"] = dagster.__version__
+    result["load_average_start"] = [round(x, 2) for x in os.getloadavg()]
     months = _months(args.months)
     if not args.skip_plan:
         result["planning"] = plan(tile_keys(args.tiles), months, args.design, log)
@@ -246,6 +247,7 @@ def main() -> None:
         result["run_overhead"] = run_overhead(4, 2, log)
     label = args.label or (f"run_overhead_{os.environ.get('RS_EMBED_ASSETS_EXECUTOR', 'in_process')}"
                            if args.skip_plan else f"{args.design}_{args.tiles}x{args.months}")
+    result["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"backfill_{label}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")

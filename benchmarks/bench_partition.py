@@ -169,6 +169,8 @@ def bench_host(tile: str, month: str, models: list[str], repeats: int) -> dict:
 
     - ``transfer_ready``: read + verify + cut into contiguous raw batches (what a GPU worker copies to
       the device when preprocessing runs there);
+    - ``transfer_ready_via_zarr_python``: the same through zarr-python's general read path instead of the
+      chunk files (the ratio is what the engine's own reads gain);
     - ``host_preprocessed``: the same plus the adapter's CPU preprocessing (what the CPU path feeds);
     - ``partition``: the whole embedding step (plan, prefetch thread, zero forward, grid and vectors
       written, committed).
@@ -196,15 +198,19 @@ def bench_host(tile: str, month: str, models: list[str], repeats: int) -> dict:
             readers = [st.open_composite(spec.sensor, tile, m) for m in months]
             bidx = [[r.bands.index(b) for b in spec.bands] for r in readers]
             ctx = tile_context_of(ad, readers, lat, bidx)  # once per partition, outside the timed loop
-            for name, prep in [("transfer_ready", np.ascontiguousarray),
-                               ("host_preprocessed",
-                                lambda raw: ad.preprocess(to_float32(raw), bands=spec.bands, tile_context=ctx))]:
+            for name, prep, zarr_path in [
+                    ("transfer_ready", np.ascontiguousarray, False),
+                    ("transfer_ready_via_zarr_python", np.ascontiguousarray, True),
+                    ("host_preprocessed",
+                     lambda raw: ad.preprocess(to_float32(raw), bands=spec.bands, tile_context=ctx), False)]:
                 best = None
                 for _ in range(repeats):
                     readers = [st.open_composite(spec.sensor, tile, m) for m in months]
-                    if len(readers) > 1:
-                        for r in readers:
+                    for r in readers:
+                        if len(readers) > 1:
                             r.cache_blocks = 0
+                        if zarr_path:  # the general zarr-python read path instead of the chunk files
+                            r._fast = [None, None]
                     t0 = time.perf_counter()
                     plan = plan_chips(readers, lat)
                     bidx = [[r.bands.index(b) for b in spec.bands] for r in readers]
@@ -221,9 +227,44 @@ def bench_host(tile: str, month: str, models: list[str], repeats: int) -> dict:
                 best = dt if best is None else min(best, dt)
             row["partition_chips_per_s"] = round(man["chips_embedded"] / best, 1)
             row["chips"] = man["chips_embedded"]
+            row["read_path_speedup"] = round(row["transfer_ready_chips_per_s"]
+                                             / row["transfer_ready_via_zarr_python_chips_per_s"], 2)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    return {"tile": tile, "month": month, "network": "zero (data path only)", "models": rows}
+        codecs = bench_codecs(st, tile, month)
+    return {"tile": tile, "month": month, "network": "zero (data path only)", "models": rows, "codecs": codecs}
+
+
+def bench_codecs(st, tile: str, month: str) -> list[dict]:
+    """Decode speed and ratio of candidate codecs on one 512-row block of the S2 composite, 1 and 2 threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numcodecs
+    import numpy as np
+
+    reader = st.open_composite("s2", tile, month)
+    block = reader._read(0, min(2, len(reader.hashes) - 1))
+    cw = reader.block_rows
+    chunks = [np.ascontiguousarray(block[:, :, x:x + cw]) for x in range(0, block.shape[2] - cw + 1, cw)]
+    raw = sum(c.nbytes for c in chunks)
+    out = []
+    for name, codec in [("zstd level 1 (grids; composites before)", numcodecs.Zstd(level=1)),
+                        ("blosc lz4 + shuffle (composites)", numcodecs.Blosc(cname="lz4", clevel=5, shuffle=1)),
+                        ("blosc zstd 1 + shuffle", numcodecs.Blosc(cname="zstd", clevel=1, shuffle=1))]:
+        enc = [codec.encode(c) for c in chunks]
+        row = {"codec": name, "ratio": round(raw / sum(len(e) for e in enc), 3)}
+        for threads in (1, 2):
+            with ThreadPoolExecutor(threads) as pool:
+                best = None
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    list(pool.map(codec.decode, enc))
+                    dt = time.perf_counter() - t0
+                    best = dt if best is None else min(best, dt)
+            row[f"decode_gb_s_{threads}_threads"] = round(raw / best / 1e9, 2)
+        out.append(row)
+        print(json.dumps(row), flush=True)
+    return out
 
 
 def bench_pipeline(tile: str, month: str, models: list[str], device: str, peak_tflops: float | None,
