@@ -202,6 +202,9 @@ def cmd_demo(args) -> int:
 
 def cmd_dev(args) -> int:
     get_instance()
+    # one "materialization planned" event per asset and run instead of per partition: the planning
+    # cost the backfill benchmark measures (README "Backfills at scale"; docs/deployment.md)
+    os.environ.setdefault("DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS", "1")
     cmd = [sys.executable, "-m", "dagster", "dev", "-w", str(REPO_ROOT / "workspace.yaml"),
            "-h", args.host, "-p", str(args.port)]
     os.execvp(cmd[0], cmd)

@@ -41,3 +41,19 @@ def test_models_lists_every_adapter(capsys):
     out = capsys.readouterr().out
     for m in ("agrifm", "dynamicvis", "fomo", "scalemae_rgb", "terrafm_b", "terrafm_b_s1"):
         assert m in out
+
+
+def test_dev_starts_dagster_dev_with_one_planned_event_per_asset_and_run(tmp_path, monkeypatch):
+    """The local UI gets the planning setting the backfill benchmark measures (and docs/deployment.md asks for)."""
+    import os
+
+    import rs_embed_assets.cli as cli
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS", "x")  # restored (unset) after the test
+    monkeypatch.delenv("DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS")
+    launched = []
+    monkeypatch.setattr(cli.os, "execvp", lambda exe, argv: launched.append(argv))
+    assert main(["dev"]) == 0
+    assert launched and launched[0][1:4] == ["-m", "dagster", "dev"]
+    assert os.environ["DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS"] == "1"
