@@ -1,7 +1,9 @@
-"""A stand-in adapter with a tiny network, for tests of the tile engine at any chip size.
+"""Adapters for tests: a stand-in with a tiny network, and real models without their network.
 
-It is a real ``adapters.base.Adapter`` (preprocess → forward → pooled + grid), only small: a strided
-convolution whose output cells are the model's grid, so engine tests stay fast at every chip size.
+``standin_adapter`` is a real ``adapters.base.Adapter`` (preprocess → forward → pooled + grid), only
+small: a strided convolution whose output cells are the model's grid, so engine tests stay fast at
+every chip size. ``preprocessing_only`` is a registered model's adapter with its configuration and no
+network, for tests of what reaches the network.
 """
 
 from __future__ import annotations
@@ -41,3 +43,24 @@ def standin_adapter(chip: int, *, grid: int = 4, dim: int = 8) -> Adapter:
     torch.manual_seed(chip)
     net = nn.Conv2d(len(S2_BANDS), dim, kernel_size=chip // grid, stride=chip // grid)
     return StandIn(net.eval(), StandInConfig())
+
+
+def preprocessing_only(model_id: str, **config) -> Adapter:
+    """The registered adapter of ``model_id`` with its default config (``config`` overrides), without a network."""
+    import adapters
+
+    cls = adapters.get_adapter_class(model_id)
+    ad = cls.__new__(cls)  # preprocessing needs the config, not the network
+    ad.config = dataclasses.replace(cls.default_config(), **config)
+    ad.device = torch.device("cpu")
+    return ad
+
+
+def raw_batch(ad: Adapter, batch: int = 3, dtype=np.uint16) -> np.ndarray:
+    """A deterministic raw batch in the adapter's layout: DN 0–12,000 (saturated values included), some zeros."""
+    spec = ad.spec
+    rng = np.random.default_rng(7)
+    shape = (batch, *((ad.frames,) if spec.frames > 1 else ()), len(spec.bands), spec.chip_size, spec.chip_size)
+    raw = rng.integers(0, 12000, size=shape).astype(dtype)
+    raw.reshape(-1)[:: 997] = 0
+    return raw

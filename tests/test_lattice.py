@@ -9,7 +9,7 @@ from rs_embed_assets.lattice import chip_lattice, owns_chips, read_window, tile_
 from rs_embed_assets.materialize import EmbeddingSettings, materialize_composite, materialize_embeddings
 from rs_embed_assets.providers import create_provider
 from rs_embed_assets.storage import Storage
-from standin import standin_adapter
+from standin import preprocessing_only, standin_adapter
 
 CHIPS = (64, 224, 512)  # fomo; terrafm_b, scalemae_rgb, agrifm; dynamicvis
 KS = (1, 2, 7, 20, 36)
@@ -115,14 +115,11 @@ def test_what_reaches_each_model_for_a_chip_does_not_depend_on_k(tmp_path, model
     into the same network input whichever sub-tiling embeds it (the stand-in network cannot show this)."""
     import torch
 
-    import adapters
     from rs_embed_assets.embedding import _batches, plan_chips, tile_context_of, to_float32
     from rs_embed_assets.grid import parse_tile_key
     from rs_embed_assets.materialize import shift_month
 
-    cls = adapters.get_adapter_class(model_id)
-    ad = cls.__new__(cls)  # preprocessing needs the config, not the network
-    ad.config, ad.device = cls.default_config(), torch.device("cpu")
+    ad = preprocessing_only(model_id)
     spec = ad.spec
     months = [shift_month("2024-07", -i) for i in range(ad.frames - 1, -1, -1)]
     st, provider = Storage(tmp_path), create_provider("sample")

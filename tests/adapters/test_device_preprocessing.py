@@ -4,39 +4,21 @@ GPU workers copy raw batches in their stored dtype and preprocess them on the de
 (``Adapter.preprocess_tensor``); these CPU tests hold that path to the reference one element for element.
 """
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
 
 import adapters
+from standin import preprocessing_only, raw_batch
 
 MODELS = ["fomo", "terrafm_b", "scalemae_rgb", "agrifm", "dynamicvis"]
 
 
-def _adapter(model_id: str, **config):
-    cls = adapters.get_adapter_class(model_id)
-    ad = cls.__new__(cls)  # preprocessing needs the config, not the network
-    ad.config = dataclasses.replace(cls.default_config(), **config)
-    ad.device = torch.device("cpu")
-    return ad
-
-
-def _raw(ad, batch: int = 3, dtype=np.uint16) -> np.ndarray:
-    spec = ad.spec
-    rng = np.random.default_rng(7)
-    shape = (batch, *((ad.frames,) if spec.frames > 1 else ()), len(spec.bands), spec.chip_size, spec.chip_size)
-    raw = rng.integers(0, 12000, size=shape).astype(dtype)  # includes saturated values above 10000
-    raw.reshape(-1)[:: 997] = 0
-    return raw
-
-
 @pytest.mark.parametrize("model_id", MODELS)
 def test_tensor_preprocessing_equals_host_preprocessing(model_id):
-    ad = _adapter(model_id)
+    ad = preprocessing_only(model_id)
     assert ad.device_preprocessing()
-    raw = _raw(ad)
+    raw = raw_batch(ad)
     want = ad.preprocess(raw.astype(np.float32), bands=ad.spec.bands)
     # the stored dtype (uint16) travels to the device as is and is converted there
     got = ad.preprocess_tensor(torch.from_numpy(raw), bands=ad.spec.bands)
@@ -46,8 +28,8 @@ def test_tensor_preprocessing_equals_host_preprocessing(model_id):
 
 @pytest.mark.parametrize("model_id", ["fomo", "terrafm_b", "agrifm"])
 def test_nan_fill_is_the_same_for_float_composites(model_id):
-    ad = _adapter(model_id)
-    raw = _raw(ad).astype(np.float32)
+    ad = preprocessing_only(model_id)
+    raw = raw_batch(ad).astype(np.float32)
     raw.reshape(-1)[5::1013] = np.nan
     raw.reshape(-1)[7::2011] = np.inf
     assert torch.equal(ad.preprocess_tensor(torch.from_numpy(raw)), ad.preprocess(raw))
@@ -56,20 +38,20 @@ def test_nan_fill_is_the_same_for_float_composites(model_id):
 @pytest.mark.parametrize("model_id,config", [("fomo", {"norm": "per_tile_minmax"}), ("fomo", {"norm": "none"}),
                                              ("agrifm", {"norm": "unit_scale"}), ("agrifm", {"norm": "none"})])
 def test_every_normalisation_has_the_same_values(model_id, config):
-    ad = _adapter(model_id, **config)
-    raw = _raw(ad)
+    ad = preprocessing_only(model_id, **config)
+    raw = raw_batch(ad)
     assert torch.equal(ad.preprocess_tensor(torch.from_numpy(raw)), ad.preprocess(raw.astype(np.float32)))
 
 
 def test_configurations_without_an_exact_tensor_path_stay_on_the_host():
-    assert not _adapter("scalemae_rgb", image_size=448).device_preprocessing()  # PIL bicubic resize
-    assert not _adapter("terrafm_b_s1").device_preprocessing()  # per-chip percentile
+    assert not preprocessing_only("scalemae_rgb", image_size=448).device_preprocessing()  # PIL bicubic resize
+    assert not preprocessing_only("terrafm_b_s1").device_preprocessing()  # per-chip percentile
     with pytest.raises(adapters.AdapterError, match="no tensor preprocessing"):
-        _adapter("terrafm_b_s1").preprocess_tensor(torch.zeros(1, 2, 224, 224))
+        preprocessing_only("terrafm_b_s1").preprocess_tensor(torch.zeros(1, 2, 224, 224))
 
 
 def test_tensor_preprocessing_checks_the_layout_like_preprocess():
-    ad = _adapter("terrafm_b")
+    ad = preprocessing_only("terrafm_b")
     with pytest.raises(adapters.AdapterError, match="expects 12 channels"):
         ad.preprocess_tensor(torch.zeros(1, 3, 224, 224))
     with pytest.raises(adapters.AdapterError, match="needs bands in the order"):

@@ -97,3 +97,17 @@ def test_compile_on_cuda(tmp_path, monkeypatch):
     x = ad.preprocess(_s2(4, 12, 64))
     torch.testing.assert_close(ad.embed(x).pooled, eager.embed(x).pooled, rtol=1e-4, atol=1e-4)
     assert ad._compiled.failed is None, ad._compiled.failed
+
+
+@pytest.mark.parametrize("model_id", ["fomo", "terrafm_b", "scalemae_rgb", "agrifm", "dynamicvis"])
+def test_device_preprocessing_on_cuda_equals_host_preprocessing(model_id):
+    """What GPU workers do: the raw uint16 batch is pinned, copied and preprocessed on the device."""
+    from standin import preprocessing_only, raw_batch
+
+    ad = preprocessing_only(model_id)
+    raw = raw_batch(ad)
+    want = ad.preprocess(raw.astype(np.float32), bands=ad.spec.bands)
+    x = torch.from_numpy(raw).pin_memory().to("cuda", non_blocking=True)
+    got = ad.preprocess_tensor(x, bands=ad.spec.bands)
+    assert got.is_cuda and got.dtype == torch.float32
+    torch.testing.assert_close(got.cpu(), want, rtol=0, atol=1e-6)
