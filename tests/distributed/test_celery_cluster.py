@@ -197,8 +197,17 @@ def test_killing_the_gpu_worker_mid_step_fails_the_run_frees_slots_and_reexecuti
         with dg.DagsterInstance.from_config(home) as instance:
             return instance.get_run_by_id(run_id).status
 
-    wait_for(lambda: status() in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED), 180,
-             "the run to end after its GPU worker died")
+    try:
+        wait_for(lambda: status() in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED), 240,
+                 "the run to end after its GPU worker died")
+    except AssertionError as exc:  # say why: what run monitoring and the run itself logged
+        with dg.DagsterInstance.from_config(home) as instance:
+            events = [f"{r.event_log_entry.dagster_event_type}: {r.event_log_entry.message[:160]}"
+                      for r in instance.get_records_for_run(run_id, limit=10000).records[-15:]]
+        daemon = (c.root / "logs" / "daemon.log")
+        tail = daemon.read_text(errors="replace")[-4000:] if daemon.exists() else "(no daemon log)"
+        raise AssertionError(f"{exc}\n--- last run events ---\n" + "\n".join(events)
+                             + f"\n--- daemon log tail ---\n{tail}") from None
     assert status() == dg.DagsterRunStatus.FAILURE
 
     def gpu_slots_of_run():
