@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 import uuid
 import zlib
@@ -307,6 +308,7 @@ def _compressor(kind: str = "compact"):
 
 
 READ_THREADS_ENV = "RS_EMBED_ASSETS_READ_THREADS"
+_SCRATCH = threading.local()  # per decode thread: the buffer chunks are decoded into
 _POOL: dict[Any, Any] = {}
 
 
@@ -378,12 +380,24 @@ class ChunkRows:
         return cls(path, meta)
 
     def _chunk(self, key: str) -> np.ndarray | None:
+        """A decoded chunk, in this thread's reusable buffer (valid until the thread decodes its next chunk).
+
+        Decoding into fresh memory would fault in and zero a chunk's worth of pages each time (large
+        buffers are mapped and unmapped, ``embedding.bound_heap_growth``); one buffer per thread does not.
+        """
         try:
             buf = (self.path / key).read_bytes()
         except FileNotFoundError:
             return None
-        raw = self.codec.decode(buf) if self.codec is not None else buf
-        return np.frombuffer(raw, dtype=self.dtype).reshape(self.chunks)
+        if self.codec is None:
+            return np.frombuffer(buf, dtype=self.dtype).reshape(self.chunks)
+        nbytes = int(np.prod(self.chunks)) * self.dtype.itemsize
+        scratch = getattr(_SCRATCH, "buf", None)
+        if scratch is None or scratch.nbytes < nbytes:
+            scratch = _SCRATCH.buf = np.empty(nbytes, dtype=np.uint8)
+        out = scratch[:nbytes].view(self.dtype).reshape(self.chunks)
+        self.codec.decode(buf, out=out)
+        return out
 
     def rows(self, i: int) -> np.ndarray:
         """Chunk row ``i`` (all leading axes, rows ``i*ch … (i+1)*ch`` clipped, every column)."""
