@@ -134,7 +134,8 @@ def worker_embed(root: str, tile: str, month: str, model_id: str) -> dict:
             "baseline_mb": round(base, 1), "peak_mb": round(peak_mb(), 1),
             "peak_above_baseline_mb": round(peak_mb() - base, 1), "chips": man["chips_embedded"],
             "host_chips_per_s": round(man["chips_embedded"] / secs, 1) if secs else None,
-            "batch_size": man["batch_size"], "grid_dtype": man["grid_dtype"]}
+            "batch_size": man["batch_size"], "grid_dtype": man["grid_dtype"],
+            "load_average": [round(v, 2) for v in os.getloadavg()]}
 
 
 def _run_worker(*args: str) -> dict:
@@ -237,6 +238,7 @@ def bench_host(tile: str, month: str, models: list[str], repeats: int) -> dict:
             row["chips"] = man["chips_embedded"]
             row["read_path_speedup"] = round(row["transfer_ready_chips_per_s"]
                                              / row["transfer_ready_via_zarr_python_chips_per_s"], 2)
+            row["load_average"] = [round(v, 2) for v in os.getloadavg()]  # 1/5/15 min, at the row's end
             rows.append(row)
             print(json.dumps(row), flush=True)
         codecs = bench_codecs(st, tile, month)

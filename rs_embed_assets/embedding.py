@@ -514,7 +514,8 @@ def embed_partition(adapter, readers: Sequence, *, tile: Tile, month: str, prove
         band_index.append([reader.bands.index(b) for b in spec.bands])
     if len(readers) > 1:
         # a temporal model reads T frames per chip row: holding each frame's decoded blocks would cost
-        # T × two full-width blocks, so frames keep only the chip row's rows (blocks decoded per read)
+        # T × two full-width blocks, so each frame keeps only the band-selected rest of its current block
+        # below the chip row (CompositeReader's tail): every block is still decoded once
         for reader in readers:
             reader.cache_blocks = 0
     lattice = chip_lattice(tile, spec.chip_size)

@@ -527,13 +527,30 @@ class _Block:
     valid_count: np.ndarray  # (rows, W)
 
 
+@dataclass
+class _Tail:
+    """The rows of one verified block below the last rows an uncached reader served (see ``rows``)."""
+    index: int  # the block
+    y0: int  # first row held (store rows); the tail runs to the block's end
+    bands: tuple[int, ...] | None  # band selection of ``data`` (None: all bands; no data: valid_count only)
+    data: np.ndarray | None  # (C', rows, W) stored dtype
+    valid: np.ndarray  # (rows, W)
+
+
 class CompositeReader:
     """Verified, block-wise reads of a committed composite.
 
     Blocks are full-width row bands of ``block_rows`` rows (the store's chunk height). Every block
     is hashed when first read and compared with the commit record; a mismatch (deleted or damaged
     chunk) is an error naming the store and the fix. The last ``cache_blocks`` blocks stay in memory
-    so consecutive chip rows reuse them.
+    so consecutive chip rows reuse them, and the next block is decoded ahead.
+
+    With ``cache_blocks = 0`` (temporal models read many frames at once, so holding whole blocks per
+    frame would not fit) a reader keeps only a *tail*: the rows of the last block it touched that lie
+    below the rows it just served, band-selected as asked. The next read down the store is served from
+    it, so a pass of chip rows decodes (and verifies) each block once, and between calls the reader
+    holds fewer than ``block_rows`` rows of the selected bands (``block end − y1``), nothing else.
+    There is no read-ahead there: one decoded block per frame ahead would cost more than the tails.
     """
 
     def __init__(self, storage: Storage, record: dict[str, Any], *, cache_blocks: int = 2):
@@ -557,6 +574,8 @@ class CompositeReader:
         self.cache_blocks = cache_blocks
         self._cache: dict[int, _Block] = {}
         self._ahead: tuple[int, Any] | None = None  # (block index, future of its verified data)
+        self._tail: _Tail | None = None  # uncached readers: rows() tail (data and valid_count)
+        self._vtail: _Tail | None = None  # uncached readers: valid_rows() tail (valid_count only)
         # blocks are chunk rows: read them straight from the chunk files when the layout allows it
         self._fast = [ChunkRows.open(self.path / name) for name in ("data", "valid_count")]
         if any(f is None or f.chunks[-2] != self.block_rows for f in self._fast):
@@ -627,7 +646,7 @@ class CompositeReader:
 
     def _remember(self, blk: _Block) -> None:
         if not self.cache_blocks and blk.data is not None:
-            return  # uncached reader (many frames at once): blocks are decoded per read
+            return  # uncached reader (many frames at once): rows() keeps only the tail it needs
         self._cache.pop(blk.index, None)
         self._cache[blk.index] = blk  # newest last
         while len(self._cache) > self.cache_blocks:
@@ -635,6 +654,8 @@ class CompositeReader:
 
     def valid_rows(self, y0: int, y1: int) -> np.ndarray:
         """Rows ``y0:y1`` of valid_count only (cheap: no band data is read), verified."""
+        if not self.cache_blocks:
+            return self._streamed(y0, y1, None, data=False)[1]
         parts = []
         for i in range(y0 // self.block_rows, (y1 - 1) // self.block_rows + 1):
             blk = self._cache.get(i)
@@ -648,6 +669,9 @@ class CompositeReader:
 
     def rows(self, y0: int, y1: int, band_index: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Rows ``y0:y1`` (window coordinates) of the data (C', h, W) and valid_count (h, W), verified."""
+        if not self.cache_blocks:
+            sel = None if band_index is None or list(band_index) == list(range(self.shape[0])) else tuple(band_index)
+            return self._streamed(y0, y1, sel, data=True)
         parts_d, parts_v = [], []
         first = y0 // self.block_rows
         for old in [k for k in self._cache if k < first]:  # reads move down the store: free what lies above
@@ -659,20 +683,69 @@ class CompositeReader:
             d = blk.data[:, s:e]
             if band_index is not None and list(band_index) != list(range(d.shape[0])):
                 d = d[list(band_index)]  # a model's subset of the bands (a copy); all bands stay a view
-            elif not self.cache_blocks:
-                d = d.copy()  # without a cache, keep only these rows, not the whole block behind a view
             parts_d.append(d)
             parts_v.append(blk.valid_count[s:e])
         if len(parts_d) == 1:
             return parts_d[0], parts_v[0]
         return np.concatenate(parts_d, axis=1), np.concatenate(parts_v, axis=0)
 
+    def _streamed(self, y0: int, y1: int, sel: tuple[int, ...] | None, *, data: bool):
+        """``rows`` (data=True) or ``valid_rows`` of an uncached reader: each block decoded once per pass.
+
+        A block's rows come from the tail when it holds them (same block, same bands, from ``y0`` or
+        above), else from the block decoded and verified now. Everything returned is a copy; the rows of
+        the last block below ``y1`` become the new tail, and any other tail is dropped.
+        """
+        if data:
+            self._vtail = None  # the valid_count pass (planning) is over
+            tail, self._tail = self._tail, None
+        else:
+            tail, self._vtail = self._vtail, None
+        idx = None if sel is None else list(sel)
+
+        def take(a: np.ndarray, lo: int, hi: int, select: bool) -> np.ndarray:
+            if select and idx is not None:
+                return a[idx, lo:hi]  # band selection: a copy of just these rows
+            return a[:, lo:hi].copy()
+
+        new_tail: _Tail | None = None
+        parts_d, parts_v = [], []
+        for i in range(y0 // self.block_rows, (y1 - 1) // self.block_rows + 1):
+            b0 = i * self.block_rows
+            b1 = min(self.height, b0 + self.block_rows)
+            s, e = max(y0, b0), min(y1, b1)
+            if tail is not None and tail.index == i and tail.y0 <= s and (not data or tail.bands == sel):
+                src_d, src_v, o, select = tail.data, tail.valid, tail.y0, False  # already band-selected
+            elif data:
+                blk = self._block(i)  # decoded and verified
+                src_d, src_v, o, select = blk.data, blk.valid_count, b0, True
+                del blk
+            else:
+                src_d, src_v, o, select = None, self._valid_block(i), b0, False
+            if data:
+                parts_d.append(take(src_d, s - o, e - o, select))
+            parts_v.append(src_v[s - o:e - o].copy())
+            if e < b1:  # later reads need the rest of this block: keep just that
+                new_tail = _Tail(i, e, sel if data else None,
+                                 take(src_d, e - o, b1 - o, select) if data else None, src_v[e - o:b1 - o].copy())
+            if tail is not None and tail.index <= i:
+                tail = None  # reads move down the store: a tail above is never asked for again
+            src_d = src_v = None  # a decoded block is dropped before the next one is read
+        if data:
+            self._tail = new_tail
+        else:
+            self._vtail = new_tail
+        valid = parts_v[0] if len(parts_v) == 1 else np.concatenate(parts_v, axis=0)
+        if not data:
+            return None, valid
+        return (parts_d[0] if len(parts_d) == 1 else np.concatenate(parts_d, axis=1)), valid
+
     def verify(self) -> None:
         """Read and check every block (what ``doctor`` does)."""
         for i in range(len(self.hashes)):
             self._block(i)
             self._cache.clear()
-        self._ahead = None
+        self._ahead = self._tail = self._vtail = None
 
     def lazy_dataset(self):
         """The store as a lazily loaded ``xarray.Dataset`` of raw values (not verified: for checks and previews

@@ -152,3 +152,65 @@ def test_the_read_thread_count_is_validated(monkeypatch, committed):
     st, _ = committed
     reader = st.open_composite("s2", KEY, "2024-07")
     reader.verify()  # one decode thread reads the same verified blocks
+
+
+# --- uncached readers (temporal models: one reader per frame, cache_blocks = 0) -------------------
+def _counting(reader):
+    reads = []
+    original = reader._read
+    reader._read = lambda what, i: reads.append((("data", "valid_count")[what], i)) or original(what, i)
+    return reads
+
+
+@pytest.mark.parametrize("band_index", [None, [8, 2, 0, 5]])
+def test_uncached_chip_rows_equal_full_reads_and_decode_each_block_once(committed, band_index):
+    """Chip rows of 48 (so some straddle two 128-row blocks) from a lattice offset of 5 rows, as a
+    temporal model reads them: the planning pass over valid counts, then the data pass. Every value
+    equals a full read, each block is decoded once per pass, and between calls the reader holds only
+    the rest of the current block below the rows it served, never a whole block."""
+    st, _ = committed
+    cached = st.open_composite("s2", KEY, "2024-07")
+    full_data, full_valid = cached.rows(0, cached.height)  # the cached path, the whole window
+    want = full_data if band_index is None else full_data[band_index]
+    reader = st.open_composite("s2", KEY, "2024-07")
+    reader.cache_blocks = 0
+    reads = _counting(reader)
+    br, height, chip = reader.block_rows, reader.height, 48
+    spans = [(y, y + chip) for y in range(5, height - chip + 1, chip)]
+    assert any(y0 // br != (y1 - 1) // br for y0, y1 in spans), "some chip rows must straddle two blocks"
+    for y0, y1 in spans:
+        np.testing.assert_array_equal(reader.valid_rows(y0, y1), full_valid[y0:y1])
+    for y0, y1 in spans:
+        data, valid = reader.rows(y0, y1, band_index)
+        np.testing.assert_array_equal(data, want[:, y0:y1])
+        np.testing.assert_array_equal(valid, full_valid[y0:y1])
+        data[...] = 0  # what a caller does with its rows cannot reach the reader's tail
+        block_end = min(height, (y1 // br + 1) * br)
+        tail = reader._tail
+        if y1 % br == 0:
+            assert tail is None
+        else:  # the tail: exactly the selected bands of rows y1 … block end, nothing else is kept
+            assert (tail.y0, tail.data.shape) == (y1, (want.shape[0], block_end - y1, reader.width))
+            assert block_end - y1 < br
+        assert not reader._cache and reader._ahead is None and reader._vtail is None
+    touched = sorted({i for y0, y1 in spans for i in range(y0 // br, (y1 - 1) // br + 1)})
+    assert [i for what, i in reads if what == "data"] == touched
+    assert [i for what, i in reads if what == "valid_count"] == touched * 2  # once per pass
+    for y0, y1 in [(100, 300), (0, 40), (250, 260), (0, height)]:  # out of order: still exact
+        np.testing.assert_array_equal(reader.rows(y0, y1, band_index)[0], want[:, y0:y1])
+
+
+def test_uncached_reads_refuse_a_damaged_block_with_the_same_error(committed):
+    st, rec = committed
+    (st.resolve(rec["store"]) / "data" / "0.1.0").unlink()
+    reader = st.open_composite("s2", KEY, "2024-07")
+    reader.cache_blocks = 0
+    reader.rows(5, 53, [0, 1])
+    reader.rows(53, 101, [0, 1])  # block 0 is intact; its tail serves these rows
+    with pytest.raises(StorageError, match=r"is damaged: data rows 128–256 do not match .*Re-materialise s2_composite"):
+        reader.rows(101, 149, [0, 1])  # the rows of block 0 come from its tail, block 1 is checked first
+    os.remove(st.resolve(rec["store"]) / "valid_count" / "0.0")
+    planner = st.open_composite("s2", KEY, "2024-07")
+    planner.cache_blocks = 0
+    with pytest.raises(StorageError, match="damaged: valid_count rows 0–128"):
+        planner.valid_rows(5, 53)
