@@ -61,6 +61,12 @@ class EmbeddingError(ValueError):
 
 
 MMAP_THRESHOLD_BYTES = 4 << 20
+# All frames' composite tails of a temporal model together (CompositeReader.tail_bytes). For AgriFM's
+# 8 frames of 10 bands (+ valid_count) that is 243 rows a frame on a whole 10 980 px tile: tails of up to
+# 224 rows are kept, longer ones decoded again (each block about twice, against 3.3 times with no tail),
+# which keeps the whole-tile step within 2 GB above baseline; on k=2 sub-tiles (5 600 px windows) every
+# tail but the 480-row ones is kept. Measured: benchmarks/bench_partition.py memory (README).
+TEMPORAL_TAIL_BYTES = 448 << 20
 
 
 @lru_cache(maxsize=1)
@@ -389,7 +395,7 @@ def _batches(plan: ChipPlan, readers: Sequence, band_index: Sequence[Sequence[in
     offsets = [_offset(r, lat) for r in readers]
     temporal = len(readers) > 1
     pending_pos: list[tuple[int, int]] = []
-    pending: list[np.ndarray] = []
+    batch: np.ndarray | None = None  # (bs, [T,] C, cs, cs): chips are cut straight into it
     by_row: dict[int, list[int]] = {}
     for r, c in plan.positions:
         by_row.setdefault(r, []).append(c)
@@ -401,14 +407,22 @@ def _batches(plan: ChipPlan, readers: Sequence, band_index: Sequence[Sequence[in
             frames.append((data, ox))
         for c in by_row[r]:
             j = c - lat.col0
-            chips = [d[:, :, ox + j * cs: ox + (j + 1) * cs] for d, ox in frames]
-            pending.append(np.stack(chips) if temporal else chips[0])
+            if batch is None:
+                d0 = frames[0][0]
+                batch = np.empty((bs, *((len(frames),) if temporal else ()), d0.shape[0], cs, cs), dtype=d0.dtype)
+            k = len(pending_pos)
+            for t, (d, ox) in enumerate(frames):
+                (batch[k, t] if temporal else batch[k])[...] = d[:, :, ox + j * cs: ox + (j + 1) * cs]
             pending_pos.append((r, c))
-            if len(pending) == bs:
-                yield pending_pos, prepare(np.stack(pending))
-                pending_pos, pending = [], []
-    if pending:
-        yield pending_pos, prepare(np.stack(pending))
+            if len(pending_pos) == bs:
+                item = (pending_pos, prepare(batch))
+                pending_pos, batch = [], None  # the raw batch is not held while the item waits
+                yield item
+                del item
+    if pending_pos:
+        item = (pending_pos, prepare(batch[:len(pending_pos)]))
+        batch = None
+        yield item
 
 
 class _Prefetcher:
@@ -515,9 +529,11 @@ def embed_partition(adapter, readers: Sequence, *, tile: Tile, month: str, prove
     if len(readers) > 1:
         # a temporal model reads T frames per chip row: holding each frame's decoded blocks would cost
         # T × two full-width blocks, so each frame keeps only the band-selected rest of its current block
-        # below the chip row (CompositeReader's tail): every block is still decoded once
+        # below the chip row (CompositeReader's tail), all frames' tails within TEMPORAL_TAIL_BYTES: each
+        # block is decoded once where the tails fit (sub-tiles), a longer rest again when it is needed
         for reader in readers:
             reader.cache_blocks = 0
+            reader.tail_bytes = TEMPORAL_TAIL_BYTES // len(readers)
     lattice = chip_lattice(tile, spec.chip_size)
     plan = plan_chips(readers, lattice, opts.min_valid_fraction)
     bs = opts.batch_size or adapter.batch_size()

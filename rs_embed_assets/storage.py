@@ -550,7 +550,9 @@ class CompositeReader:
     below the rows it just served, band-selected as asked. The next read down the store is served from
     it, so a pass of chip rows decodes (and verifies) each block once, and between calls the reader
     holds fewer than ``block_rows`` rows of the selected bands (``block end − y1``), nothing else.
-    There is no read-ahead there: one decoded block per frame ahead would cost more than the tails.
+    ``tail_bytes`` (None: no limit) bounds a tail: a longer rest is dropped and decoded again when
+    asked for. There is no read-ahead there: one decoded block per frame ahead would cost more than
+    the tails.
     """
 
     def __init__(self, storage: Storage, record: dict[str, Any], *, cache_blocks: int = 2):
@@ -574,6 +576,7 @@ class CompositeReader:
         self.cache_blocks = cache_blocks
         self._cache: dict[int, _Block] = {}
         self._ahead: tuple[int, Any] | None = None  # (block index, future of its verified data)
+        self.tail_bytes: int | None = None  # uncached readers: the most a tail may hold (None: no limit)
         self._tail: _Tail | None = None  # uncached readers: rows() tail (data and valid_count)
         self._vtail: _Tail | None = None  # uncached readers: valid_rows() tail (valid_count only)
         # blocks are chunk rows: read them straight from the chunk files when the layout allows it
@@ -725,7 +728,8 @@ class CompositeReader:
             if data:
                 parts_d.append(take(src_d, s - o, e - o, select))
             parts_v.append(src_v[s - o:e - o].copy())
-            if e < b1:  # later reads need the rest of this block: keep just that
+            if e < b1 and self._tail_fits(b1 - e, len(sel) if sel is not None else self.shape[0], data):
+                # later reads need the rest of this block: keep just that
                 new_tail = _Tail(i, e, sel if data else None,
                                  take(src_d, e - o, b1 - o, select) if data else None, src_v[e - o:b1 - o].copy())
             if tail is not None and tail.index <= i:
@@ -739,6 +743,12 @@ class CompositeReader:
         if not data:
             return None, valid
         return (parts_d[0] if len(parts_d) == 1 else np.concatenate(parts_d, axis=1)), valid
+
+    def _tail_fits(self, rows: int, bands: int, data: bool) -> bool:
+        if self.tail_bytes is None:
+            return True
+        row = self.width * (self._valid.dtype.itemsize + (bands * self.dtype.itemsize if data else 0))
+        return rows * row <= self.tail_bytes
 
     def verify(self) -> None:
         """Read and check every block (what ``doctor`` does)."""

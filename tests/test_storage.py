@@ -214,3 +214,31 @@ def test_uncached_reads_refuse_a_damaged_block_with_the_same_error(committed):
     planner.cache_blocks = 0
     with pytest.raises(StorageError, match="damaged: valid_count rows 0–128"):
         planner.valid_rows(5, 53)
+
+
+def test_a_tail_over_its_byte_budget_is_dropped_and_its_block_decoded_again(committed):
+    """``tail_bytes`` bounds what an uncached reader holds: rests longer than the budget are not kept
+    (their block is decoded and verified again when asked), the values stay exact."""
+    st, _ = committed
+    cached = st.open_composite("s2", KEY, "2024-07")
+    want = cached.rows(0, cached.height, [8, 2])[0]
+    reader = st.open_composite("s2", KEY, "2024-07")
+    reader.cache_blocks = 0
+    row_bytes = reader.width * (2 * 2 + 2)  # two uint16 bands + uint16 valid_count
+    reader.tail_bytes = 60 * row_bytes  # at most 60 rows
+    reads = _counting(reader)
+    br, spans = reader.block_rows, [(y, y + 48) for y in range(5, reader.height - 48 + 1, 48)]
+    kept = 0
+    for y0, y1 in spans:
+        np.testing.assert_array_equal(reader.rows(y0, y1, [8, 2])[0], want[:, y0:y1])
+        tail = reader._tail
+        if tail is not None:
+            kept += 1
+            assert tail.data.nbytes + tail.valid.nbytes <= reader.tail_bytes
+        else:  # dropped: the rest of the block was over the budget (or there was none)
+            rest = 0 if y1 % br == 0 else min(reader.height, (y1 // br + 1) * br) - y1
+            assert rest == 0 or rest * row_bytes > reader.tail_bytes
+    decodes = len([1 for what, _ in reads if what == "data"])
+    touched = {i for y0, y1 in spans for i in range(y0 // br, (y1 - 1) // br + 1)}
+    per_span = sum((y1 - 1) // br - y0 // br + 1 for y0, y1 in spans)
+    assert kept and len(touched) < decodes < per_span
