@@ -372,6 +372,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     models = args.models.split(",")
+    load_start = [round(x, 2) for x in os.getloadavg()]
     if args.what == "memory":
         res = bench_steps(args.tile or "31UFU", args.month, models)
     elif args.what == "host":
@@ -380,6 +381,7 @@ def main() -> None:
         res = bench_pipeline(args.tile or "31UFU-k20-r11-c07", args.month, models, args.device, args.peak_tflops,
                              args.repeats)
     res["machine"] = machine()
+    res["load_average_start"], res["load_average_end"] = load_start, [round(x, 2) for x in os.getloadavg()]
     RESULTS.mkdir(exist_ok=True)
     dev = "cuda" if args.device.startswith("cuda") else "cpu"
     path = RESULTS / f"partition_{args.what}_{dev}.json"
