@@ -37,7 +37,7 @@ from torch import nn
 
 from .base import (Adapter, AdapterError, CheckpointError, CheckpointSource, ModelSpec, check_raw_input, env_int,
                    env_int_tuple, env_str)
-from .preprocess import finite_or_zero, finite_or_zero_tensor, pad_square, resize_bilinear
+from .preprocess import finite_or_zero_tensor, host_tensor, resize_bilinear
 
 from .specs import AGRIFM as _SPEC, AGRIFM_BANDS as S2_BANDS, AGRIFM_URL  # noqa: F401 (spec data: torch-free)
 
@@ -426,30 +426,20 @@ class AgriFMAdapter(Adapter):
         repetition or truncation of frames).
         """
         arr = check_raw_input(raw, self.spec, ndim=5, bands=bands)
-        if arr.shape[1] != self.config.frames:
-            raise AdapterError(f"agrifm expects {self.config.frames} frames per sample (RS_EMBED_AGRIFM_FRAMES), got "
-                               f"{arr.shape[1]} (shape {arr.shape}); build the stack with exactly that many "
-                               "frames or change RS_EMBED_AGRIFM_FRAMES (a different experiment)")
-        x = np.clip(finite_or_zero(arr), 0.0, 10000.0)
-        if self.config.norm == "agrifm_stats":
-            mean = np.asarray(AGRIFM_S2_MEAN, dtype=np.float32)[None, None, :, None, None]
-            std = np.maximum(np.asarray(AGRIFM_S2_STD, dtype=np.float32), 1e-6)[None, None, :, None, None]
-            x = (x - mean) / std
-        elif self.config.norm == "unit_scale":
-            x = np.clip(x / 10000.0, 0.0, 1.0)
-        t = torch.from_numpy(np.ascontiguousarray(pad_square(x), dtype=np.float32))
-        return self.place(resize_bilinear(t, self.config.image_size), device)
+        return self.place(self.preprocess_tensor(host_tensor(arr, square=True), bands=bands), device)
 
     def device_preprocessing(self) -> bool:
         return True  # the engine's chips are square (no padding) and the resize is torch's in both paths
 
     def preprocess_tensor(self, raw: torch.Tensor, *, bands: tuple[str, ...] | None = None,
                           tile_context: dict[str, Any] | None = None) -> torch.Tensor:
-        """``preprocess`` on a tensor of square chips (B, T, 10, H, W), on its device: the same float32 operations."""
+        """``preprocess``'s steps on a tensor of square chips (B, T, 10, H, W), wherever it lives (the host path
+        pads, then calls this)."""
         x = check_raw_input(raw, self.spec, ndim=5, bands=bands)
         if x.shape[1] != self.config.frames:
             raise AdapterError(f"agrifm expects {self.config.frames} frames per sample (RS_EMBED_AGRIFM_FRAMES), got "
-                               f"{x.shape[1]} (shape {tuple(x.shape)})")
+                               f"{x.shape[1]} (shape {tuple(x.shape)}); build the stack with exactly that many "
+                               "frames or change RS_EMBED_AGRIFM_FRAMES (a different experiment)")
         if x.shape[-1] != x.shape[-2]:
             raise AdapterError(f"agrifm tensor preprocessing takes square chips, got {tuple(x.shape[-2:])}; "
                                "preprocess() pads non-square chips")

@@ -39,7 +39,7 @@ from torch import nn
 
 from .base import (Adapter, AdapterError, CheckpointError, CheckpointSource, ModelSpec, check_raw_input, env_bool,
                    env_float, env_int, env_int_tuple, env_str)
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD, sr_rgb_to_imagenet, sr_rgb_to_imagenet_tensor
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, ImageNetRGBOnDevice, sr_rgb_to_imagenet
 from .mamba import DEFAULT_CHUNK, SCAN_CHOICES, MambaMixer, MambaRMSNorm, resolve_scan_impl
 
 from .specs import (DYNAMICVIS as _SPEC, DYNAMICVIS_BANDS as RGB_BANDS, DYNAMICVIS_CKPT_FILE as CKPT_FILE,  # noqa: F401
@@ -285,7 +285,7 @@ def resize_pos_embed(pos_embed: torch.Tensor, dst_side: int) -> torch.Tensor:
 
 
 # --- adapter -----------------------------------------------------------------------------------
-class DynamicVisAdapter(Adapter):
+class DynamicVisAdapter(ImageNetRGBOnDevice, Adapter):
     spec = _SPEC
     config_cls = DynamicVisConfig
 
@@ -361,18 +361,6 @@ class DynamicVisAdapter(Adapter):
         """
         arr = check_raw_input(raw, self.spec, ndim=4, bands=bands)
         return self.place(sr_rgb_to_imagenet(arr, self.config.image_size), device)
-
-    def device_preprocessing(self) -> bool:
-        return self.spec.chip_size == self.config.image_size  # otherwise PIL resizes (host only)
-
-    def preprocess_tensor(self, raw: torch.Tensor, *, bands: tuple[str, ...] | None = None,
-                          tile_context: dict[str, Any] | None = None) -> torch.Tensor:
-        """``preprocess`` on a tensor of image-size chips, on its device: the same values (no resize)."""
-        arr = check_raw_input(raw, self.spec, ndim=4, bands=bands)
-        if tuple(arr.shape[-2:]) != (self.config.image_size,) * 2:
-            raise AdapterError(f"dynamicvis tensor preprocessing takes {self.config.image_size} px chips, got "
-                               f"{tuple(arr.shape[-2:])}; preprocess() resizes them")
-        return sr_rgb_to_imagenet_tensor(arr, self.config.image_size)
 
     def forward_embeddings(self, x: torch.Tensor, *, pooling: str = "mean", **_: Any):
         grid = self.model(self.to_device(x), out_indices=(3,))[-1]

@@ -24,7 +24,7 @@ from torch import nn
 
 from .base import (Adapter, AdapterError, CheckpointError, CheckpointSource, ModelSpec, check_raw_input, env_int,
                    env_int_tuple, env_str)
-from .preprocess import finite_or_zero, finite_or_zero_tensor, pad_square, resize_bilinear
+from .preprocess import finite_or_zero_tensor, host_tensor, resize_bilinear
 
 from .specs import FOMO as _SPEC, FOMO_BANDS as S2_BANDS, FOMO_URL  # noqa: F401 (spec data: torch-free)
 
@@ -209,22 +209,14 @@ class FomoAdapter(Adapter):
         bilinearly resized (align_corners=False, no antialias) to RS_EMBED_FOMO_IMG.
         """
         arr = check_raw_input(raw, self.spec, ndim=4, bands=bands)
-        x = np.clip(finite_or_zero(arr), 0.0, 10000.0)
-        if self.config.norm in ("unit_scale", "per_tile_minmax"):
-            x = x / 10000.0
-        if self.config.norm == "per_tile_minmax":
-            lo = x.min(axis=(2, 3), keepdims=True)
-            hi = x.max(axis=(2, 3), keepdims=True)
-            x = (x - lo) / np.maximum(hi - lo, 1e-6)
-        t = torch.from_numpy(np.ascontiguousarray(pad_square(x)))
-        return self.place(resize_bilinear(t, self.config.image_size), device)
+        return self.place(self.preprocess_tensor(host_tensor(arr, square=True), bands=bands), device)
 
     def device_preprocessing(self) -> bool:
         return True  # the engine's chips are square (no padding) and the resize is torch's in both paths
 
     def preprocess_tensor(self, raw: torch.Tensor, *, bands: tuple[str, ...] | None = None,
                           tile_context: dict[str, Any] | None = None) -> torch.Tensor:
-        """``preprocess`` on a tensor of square chips, on its device: the same float32 operations."""
+        """``preprocess``'s steps on a tensor of square chips, wherever it lives (the host path pads, then calls this)."""
         x = check_raw_input(raw, self.spec, ndim=4, bands=bands)
         if x.shape[-1] != x.shape[-2]:
             raise AdapterError(f"fomo tensor preprocessing takes square chips, got {tuple(x.shape[-2:])}; "

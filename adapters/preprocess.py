@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .specs import AdapterError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -34,6 +36,30 @@ def finite_or_zero_tensor(x: torch.Tensor) -> torch.Tensor:
     if x.dtype == torch.uint16:
         return x.view(torch.int16).to(torch.int32).bitwise_and_(0xFFFF).to(torch.float32)
     return torch.nan_to_num(x.to(torch.float32), nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def host_tensor(arr: np.ndarray, *, square: bool) -> torch.Tensor:
+    """A raw host batch as the float32 tensor ``preprocess_tensor`` takes (the adapters whose host
+    ``preprocess`` is their tensor preprocessing on the CPU); ``square`` centre-pads it first
+    (``pad_square``: padding copies values, so it commutes with the per-value steps and the per-chip
+    min/max that follow)."""
+    return torch.from_numpy(np.ascontiguousarray(pad_square(arr) if square else arr, dtype=np.float32))
+
+
+class ImageNetRGBOnDevice:
+    """Device preprocessing of the RGB adapters (ScaleMAE, DynamicVis): ``sr_rgb_to_imagenet_tensor``,
+    for chips that are already image-size (otherwise PIL resizes them on the host)."""
+
+    def device_preprocessing(self) -> bool:
+        return self.spec.chip_size == self.config.image_size
+
+    def preprocess_tensor(self, raw: torch.Tensor, *, bands: tuple[str, ...] | None = None,
+                          tile_context: dict | None = None) -> torch.Tensor:
+        """``preprocess`` on a tensor of image-size chips, on its device: the same values (no resize)."""
+        from .base import check_raw_input
+
+        arr = check_raw_input(raw, self.spec, ndim=4, bands=bands)
+        return sr_rgb_to_imagenet_tensor(arr, self.config.image_size, model_id=self.spec.model_id)
 
 
 def pad_square(x: np.ndarray) -> np.ndarray:
@@ -80,12 +106,12 @@ def _imagenet(t: torch.Tensor) -> torch.Tensor:
     return (t - mean) / std
 
 
-def sr_rgb_to_imagenet_tensor(rgb: torch.Tensor, size: int) -> torch.Tensor:
+def sr_rgb_to_imagenet_tensor(rgb: torch.Tensor, size: int, *, model_id: str = "RGB") -> torch.Tensor:
     """``sr_rgb_to_imagenet`` on a tensor (any device) for chips already ``size`` × ``size``: PIL's
     resize is then the identity, and every other step is the same float32 arithmetic and the same
     truncating conversion to uint8, so the values are identical."""
     if tuple(rgb.shape[-2:]) != (size, size):
-        raise ValueError(f"tensor preprocessing needs {size}×{size} chips (PIL resizes otherwise), got "
-                         f"{tuple(rgb.shape[-2:])}")
+        raise AdapterError(f"{model_id} tensor preprocessing takes {size} px chips, got {tuple(rgb.shape[-2:])}; "
+                           "preprocess() resizes them (PIL bicubic)")
     u8 = (torch.clamp(finite_or_zero_tensor(rgb) / 10000.0, 0.0, 1.0) * 255.0).to(torch.uint8)
     return _imagenet(u8.to(torch.float32).div_(255.0))

@@ -50,7 +50,7 @@ from torch import nn
 
 from .base import (Adapter, AdapterError, CheckpointError, CheckpointSource, ModelSpec, check_raw_input, env_int,
                    env_str)
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD, sr_rgb_to_imagenet, sr_rgb_to_imagenet_tensor
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, ImageNetRGBOnDevice, sr_rgb_to_imagenet
 
 from .specs import (SCALEMAE_BANDS as RGB_BANDS, SCALEMAE_CHECKPOINT, SCALEMAE_HF_REPO as HF_REPO,  # noqa: F401
                     SCALEMAE_RGB as _SPEC)
@@ -161,7 +161,7 @@ class ScaleMAEViT(nn.Module):
 
 
 # --- adapter -----------------------------------------------------------------------------------
-class ScaleMAEAdapter(Adapter):
+class ScaleMAEAdapter(ImageNetRGBOnDevice, Adapter):
     spec = _SPEC
     config_cls = ScaleMAEConfig
 
@@ -197,18 +197,6 @@ class ScaleMAEAdapter(Adapter):
         """Raw S2 SR DN (B, 3, H, W) in B4,B3,B2 order -> ImageNet-normalised (B, 3, img, img)."""
         arr = check_raw_input(raw, self.spec, ndim=4, bands=bands)
         return self.place(sr_rgb_to_imagenet(arr, self.config.image_size), device)
-
-    def device_preprocessing(self) -> bool:
-        return self.spec.chip_size == self.config.image_size  # otherwise PIL resizes (host only)
-
-    def preprocess_tensor(self, raw: torch.Tensor, *, bands: tuple[str, ...] | None = None,
-                          tile_context: dict[str, Any] | None = None) -> torch.Tensor:
-        """``preprocess`` on a tensor of image-size chips, on its device: the same values (no resize)."""
-        arr = check_raw_input(raw, self.spec, ndim=4, bands=bands)
-        if tuple(arr.shape[-2:]) != (self.config.image_size,) * 2:
-            raise AdapterError(f"scalemae tensor preprocessing takes {self.config.image_size} px chips, got "
-                               f"{tuple(arr.shape[-2:])}; preprocess() resizes them")
-        return sr_rgb_to_imagenet_tensor(arr, self.config.image_size)
 
     def forward_kwargs(self, raw_shape: tuple[int, ...], *, pixel_size_m: float) -> dict[str, Any]:
         """input_res_m = pixel_size_m × min(H, W) / image_size: the true GSD of the resized input."""

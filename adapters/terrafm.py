@@ -78,7 +78,7 @@ from torch import nn
 
 from .base import (Adapter, AdapterError, CheckpointError, CheckpointSource, ModelSpec, check_raw_input, env_int,
                    env_str)
-from .preprocess import finite_or_zero, finite_or_zero_tensor, resize_bilinear
+from .preprocess import finite_or_zero, finite_or_zero_tensor, host_tensor, resize_bilinear
 
 from .specs import (TERRAFM_B as _S2_SPEC, TERRAFM_B_S1 as _S1_SPEC, TERRAFM_CHECKPOINT,  # noqa: F401
                     TERRAFM_S1_BANDS as S1_BANDS, TERRAFM_S2_BANDS as S2_BANDS)
@@ -400,20 +400,22 @@ class TerraFMS2Adapter(_TerraFMAdapter):
                    device: str | torch.device | None = None) -> torch.Tensor:
         """Raw S2 L2A DN (B, 12, H, W) -> clip(raw/10000, 0, 1), resized to image_size."""
         arr = np.asarray(raw)
+        self._refuse_s1(arr, bands)
+        arr = check_raw_input(arr, self.spec, ndim=4, bands=bands)
+        return self.place(self.preprocess_tensor(host_tensor(arr, square=False), bands=bands), device)
+
+    def _refuse_s1(self, arr, bands) -> None:
         if bands is None and arr.ndim == 4 and arr.shape[1] == len(S1_BANDS):
             raise AdapterError(f"terrafm_b takes the 12 Sentinel-2 bands {', '.join(S2_BANDS)}, got 2 channels "
-                               f"(shape {arr.shape}); for Sentinel-1 VV/VH use the model terrafm_b_s1")
-        arr = check_raw_input(arr, self.spec, ndim=4, bands=bands)
-        x = np.clip(finite_or_zero(arr) / 10000.0, 0.0, 1.0).astype(np.float32)
-        t = resize_bilinear(torch.from_numpy(np.ascontiguousarray(x)), self.config.image_size)
-        return self.place(t, device)
+                               f"(shape {tuple(arr.shape)}); for Sentinel-1 VV/VH use the model terrafm_b_s1")
 
     def device_preprocessing(self) -> bool:
         return True
 
     def preprocess_tensor(self, raw: torch.Tensor, *, bands: tuple[str, ...] | None = None,
                           tile_context: dict[str, Any] | None = None) -> torch.Tensor:
-        """``preprocess`` on a tensor, on its device: clip(raw/10000, 0, 1), resized (same float32 operations)."""
+        """``preprocess``'s steps on a tensor, wherever it lives: clip(raw/10000, 0, 1), resized."""
+        self._refuse_s1(raw, bands)
         x = check_raw_input(raw, self.spec, ndim=4, bands=bands)
         x = torch.clamp(finite_or_zero_tensor(x) / 10000.0, 0.0, 1.0)
         return resize_bilinear(x.contiguous(), self.config.image_size)

@@ -63,3 +63,17 @@ def test_uint16_values_above_int16_survive_the_widening():
 
     raw = np.array([0, 1, 10000, 32767, 32768, 50000, 65535], dtype=np.uint16)
     np.testing.assert_array_equal(finite_or_zero_tensor(torch.from_numpy(raw)).numpy(), raw.astype(np.float32))
+
+
+def test_host_padding_before_the_tensor_steps_equals_padding_after_them():
+    """Host ``preprocess`` pads a non-square chip, then runs the tensor steps; rs-embed normalises first and
+    pads after. Padding copies values, so per-value steps and per-chip min/max commute with it: same values."""
+    from adapters.preprocess import pad_square
+
+    ad = preprocessing_only("fomo", norm="per_tile_minmax", image_size=64)
+    raw = raw_batch(ad)[:, :, :64, :40].astype(np.float32)
+    raw[0, 0, 3, 5] = np.nan
+    x = np.clip(np.nan_to_num(raw, nan=0.0), 0.0, 10000.0) / 10000.0
+    lo, hi = x.min(axis=(2, 3), keepdims=True), x.max(axis=(2, 3), keepdims=True)
+    want = pad_square((x - lo) / np.maximum(hi - lo, 1e-6))
+    np.testing.assert_array_equal(ad.preprocess(raw).numpy(), want)
