@@ -419,7 +419,8 @@ class ChunkRows:
         if n == 1:
             put(0)
         else:
-            for f in [_decode_pool().submit(put, j) for j in range(n)]:
+            pool = _decode_pool()
+            for f in [pool.submit(put, j) for j in range(n)]:
                 f.result()
         return out
 

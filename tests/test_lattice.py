@@ -123,8 +123,9 @@ def test_what_reaches_each_model_for_a_chip_does_not_depend_on_k(tmp_path, model
     spec = ad.spec
     months = [shift_month("2024-07", -i) for i in range(ad.frames - 1, -1, -1)]
     st, provider = Storage(tmp_path), create_provider("sample")
+    *keys, want = _shared_chip(spec.chip_size)
     inputs = []
-    for key in _shared_chip(spec.chip_size)[:2]:
+    for key in keys:
         for m in months:
             materialize_composite(st, provider, spec.sensor, key, m)
         readers = [st.open_composite(spec.sensor, key, m) for m in months]
@@ -132,7 +133,6 @@ def test_what_reaches_each_model_for_a_chip_does_not_depend_on_k(tmp_path, model
         lat = chip_lattice(parse_tile_key(key), spec.chip_size)
         ctx = tile_context_of(ad, readers, lat, bidx)
         plan = plan_chips(readers, lat)
-        want = _shared_chip(spec.chip_size)[2]
         plan.positions[:] = [p for p in plan.positions if p == want]
         assert plan.positions, f"chip {want} must be owned by {key}"
         (pos, raw), = list(_batches(plan, readers, bidx, 1, lambda raw: raw))
